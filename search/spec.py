@@ -1,0 +1,306 @@
+"""Study files (TOML) -> a validated, frozen StudySpec.
+
+Everything is checked here, before anything touches storage, and every problem is one line
+naming the file and the key: `studies/x.toml: space.lr.low: must be > 0 when log = true, got 0`.
+The spec round-trips through JSON (`spec_to_dict` / `spec_from_dict`) so it can live in the
+study's user attrs and workers need no file. See studies/*.toml for the format.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import re
+import tomllib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import optuna
+
+from . import config
+from .space import (DATA_FIELDS, Param, SpaceError, apply_params, check_space, contains, corner_params, fill_params,
+                    is_active, parse_param, split_target)
+
+METRICS = {"val_acc": "maximize", "val_loss": "minimize"}  # the direction each metric is optimised in
+SECTIONS = ("study", "data", "fixed", "space", "sampler", "pruner", "enqueue")
+STUDY_KEYS = ("name", "direction", "metric", "n_trials", "timeout", "description")
+FIXED_FIELDS = tuple(f for f in config.FIELDS if f not in DATA_FIELDS)
+_STUDY_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+class SpecError(ValueError):
+    """A bad study file; the message is one line: `<file>: <key>: <what was expected>`."""
+
+
+class _Invalid(ValueError):
+    """`<key>: <what>`; spec_from_dict prefixes the file name (or source) and re-raises it as SpecError."""
+
+
+@dataclass(frozen=True)
+class ClassSpec:
+    """An Optuna sampler or pruner: a class name in optuna.samplers / optuna.pruners and its kwargs."""
+
+    name: str
+    kwargs: dict
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """A validated study. `data` and `fixed` are RunConfig values; `space` is in dependency order."""
+
+    name: str
+    direction: str
+    metric: str
+    n_trials: int  # global budget: complete + pruned trials across all workers
+    timeout: float | int | None
+    description: str
+    data: dict
+    fixed: dict
+    space: tuple[Param, ...]
+    sampler: ClassSpec
+    pruner: ClassSpec
+    enqueue: tuple[dict, ...]  # configurations to try first, by parameter name
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Reads and validates a study file.
+
+    Raises:
+        SpecError: the file is missing, not TOML, or anything in it is invalid (one line).
+    """
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise SpecError(f"{path}: cannot read ({err.__class__.__name__})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise SpecError(f"{path}: not valid TOML ({err})") from None
+    return spec_from_dict(doc, source=str(path))
+
+
+def spec_from_dict(doc: Mapping[str, Any], source: str = "stored spec") -> StudySpec:
+    """Validates a study given as a dict (a parsed study file, or `spec_to_dict` output)."""
+    try:
+        return _parse(doc)
+    except (_Invalid, SpaceError) as err:
+        raise SpecError(f"{source}: {err}") from None
+
+
+def spec_to_dict(spec: StudySpec) -> dict[str, Any]:
+    """The spec as JSON-ready data in the study-file layout; equal specs give equal dicts."""
+    study = {"name": spec.name, "direction": spec.direction, "metric": spec.metric, "n_trials": spec.n_trials,
+             "description": spec.description}
+    if spec.timeout is not None:
+        study["timeout"] = spec.timeout
+    return copy.deepcopy({
+        "study": study, "data": spec.data, "fixed": spec.fixed,
+        "space": {p.name: _param_to_dict(p) for p in spec.space},
+        "sampler": {"name": spec.sampler.name, "kwargs": spec.sampler.kwargs},
+        "pruner": {"name": spec.pruner.name, "kwargs": spec.pruner.kwargs},
+        "enqueue": list(spec.enqueue)})
+
+
+def make_sampler(spec: StudySpec, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The spec's sampler; a `seed` kwarg is shifted by `seed_offset` so each worker draws differently."""
+    kwargs = copy.deepcopy(spec.sampler.kwargs)
+    if "seed" in kwargs:
+        kwargs["seed"] += seed_offset
+    return getattr(optuna.samplers, spec.sampler.name)(**kwargs)
+
+
+def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    """The spec's pruner (NopPruner prunes nothing)."""
+    return getattr(optuna.pruners, spec.pruner.name)(**copy.deepcopy(spec.pruner.kwargs))
+
+
+def _param_to_dict(p: Param) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": p.type, "target": p.target}
+    if p.type == "categorical":
+        out["choices"] = list(p.choices)
+    else:
+        out.update(low=p.low, high=p.high, log=p.log)
+        if p.step is not None:
+            out["step"] = p.step
+    if p.when:
+        out["when"] = {name: list(values) for name, values in p.when}
+    return out
+
+
+def _table(doc: Mapping[str, Any], key: str, valid: tuple[str, ...] | None = None) -> dict[str, Any]:
+    value = doc.get(key, {})
+    if not isinstance(value, Mapping):
+        raise _Invalid(f"{key}: expected a table, got {value!r}")
+    unknown = [k for k in value if valid is not None and k not in valid]
+    if unknown:
+        raise _Invalid(f"{key}.{unknown[0]}: unknown key (valid: {', '.join(valid)})")
+    return dict(value)
+
+
+def _parse(doc: Mapping[str, Any]) -> StudySpec:
+    doc = copy.deepcopy(dict(doc))  # the spec must not share lists or tables with the caller
+    unknown = [k for k in doc if k not in SECTIONS]
+    if unknown:
+        raise _Invalid(f"{unknown[0]}: unknown section (valid: {', '.join(SECTIONS)})")
+    head = _parse_study(_table(doc, "study", STUDY_KEYS))
+    data, fixed = _table(doc, "data"), _table(doc, "fixed")
+    for section, table, other, fields in (("data", data, "fixed", DATA_FIELDS), ("fixed", fixed, "data", FIXED_FIELDS)):
+        for key in table:
+            if key in config.FIELDS and key not in fields:
+                raise _Invalid(f"{section}.{key}: belongs in [{other}]")
+            if key not in fields:
+                raise _Invalid(f"{section}.{key}: unknown key (valid: {', '.join(fields)})")
+            _check_plain(f"{section}.{key}", table[key])
+    if not isinstance(fixed.get("model_params", {}), Mapping):
+        raise _Invalid(f"fixed.model_params: expected a table, got {fixed['model_params']!r}")
+    _check_names(data, fixed)
+
+    space_table = _table(doc, "space")
+    if not space_table:
+        raise _Invalid("space: expected at least one parameter, like [space.lr]")
+    space = check_space([parse_param(name, table, fixed) for name, table in space_table.items()])
+    _check_model_choices(space)
+    base = {**data, **fixed}
+    for param, _, params in corner_params(space):
+        _check_config(base, space, params, param)
+    enqueue = tuple(_parse_enqueued(i, entry, space, base) for i, entry in enumerate(_list(doc, "enqueue")))
+
+    return StudySpec(**head, data=data, fixed=fixed, space=space,
+                     sampler=_class_spec(doc, "sampler", optuna.samplers, optuna.samplers.BaseSampler, "TPESampler"),
+                     pruner=_class_spec(doc, "pruner", optuna.pruners, optuna.pruners.BasePruner, "MedianPruner"),
+                     enqueue=enqueue)
+
+
+def _parse_study(study: Mapping[str, Any]) -> dict[str, Any]:
+    name = study.get("name")
+    if not isinstance(name, str) or not _STUDY_NAME.fullmatch(name):
+        raise _Invalid(f"study.name: expected letters, digits, _ and -, got {name!r}")
+    metric = study.get("metric", "val_acc")
+    if not isinstance(metric, str) or metric not in METRICS:
+        raise _Invalid(f"study.metric: expected one of {', '.join(METRICS)}, got {metric!r}")
+    direction = study.get("direction", METRICS[metric])
+    if direction != METRICS[metric]:
+        raise _Invalid(f"study.direction: {metric} is optimised with {METRICS[metric]!r}, got {direction!r}")
+    n_trials, timeout = study.get("n_trials"), study.get("timeout")
+    if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1:
+        raise _Invalid(f"study.n_trials: expected an integer >= 1, got {n_trials!r}")
+    if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0):
+        raise _Invalid(f"study.timeout: expected seconds > 0, got {timeout!r}")
+    description = study.get("description", "")
+    if not isinstance(description, str):
+        raise _Invalid(f"study.description: expected a string, got {description!r}")
+    return dict(name=name, direction=direction, metric=metric, n_trials=n_trials, timeout=timeout,
+                description=description)
+
+
+def _check_plain(key: str, value: Any) -> None:
+    """Only JSON-like values, so the spec survives the trip through the study's user attrs."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _check_plain(f"{key}.{k}", v)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_plain(f"{key}[{i}]", v)
+    elif (value is not None and not isinstance(value, (str, int, float, bool))
+          or isinstance(value, float) and not math.isfinite(value)):  # JSON has no NaN or infinities
+        raise _Invalid(f"{key}: expected a string, finite number, boolean, list or table, got {value!r}")
+
+
+def _check_names(data: Mapping[str, Any], fixed: Mapping[str, Any]) -> None:
+    from models import list_models  # lazy: loading torch is only worth it once the file parses
+    from .data import DATASETS
+
+    dataset = data.get("dataset", config.RunConfig.dataset)
+    if dataset not in DATASETS:
+        raise _Invalid(f"data.dataset: unknown dataset {dataset!r} (valid: {', '.join(DATASETS)})")
+    model = fixed.get("model", config.RunConfig.model)
+    if model not in list_models():
+        raise _Invalid(f"fixed.model: unknown model {model!r} (valid: {', '.join(list_models())})")
+
+
+def _check_model_choices(space: tuple[Param, ...]) -> None:
+    from models import list_models
+
+    for p in space:
+        if p.target == "model":
+            bad = [c for c in p.choices if c not in list_models()]
+            if bad:
+                raise _Invalid(f"space.{p.name}.choices: unknown model {bad[0]!r} (valid: {', '.join(list_models())})")
+
+
+def _check_config(base: Mapping[str, Any], space: tuple[Param, ...], params: dict[str, Any],
+                  param: Param | None) -> None:
+    """from_dict on one point of the space; the error is blamed on the parameter or the fixed key that made it."""
+    try:
+        config.from_dict(apply_params(base, space, params))
+    except config.ConfigError as err:
+        key, _, why = str(err).partition(": ")
+        writers = [p for p in space if p.name in params and split_target(p.target)[0] == key]
+        blamed = param if param is not None and param in writers else (writers[0] if writers else None)
+        if blamed is None:
+            raise _Invalid(f"{'data' if key in DATA_FIELDS else 'fixed'}.{key}: {why}") from None
+        raise _Invalid(f"space.{blamed.name}: {params[blamed.name]!r} makes an invalid config ({err})") from None
+
+
+def _list(doc: Mapping[str, Any], key: str) -> list:
+    value = doc.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
+        raise _Invalid(f"{key}: expected [[{key}]] tables, got {value!r}")
+    return value
+
+
+def _parse_enqueued(i: int, entry: Mapping[str, Any], space: tuple[Param, ...], base: Mapping[str, Any]) -> dict:
+    by_name = {p.name: p for p in space}
+    out: dict[str, Any] = {}
+    for name, value in entry.items():
+        where = f"enqueue[{i}].{name}"
+        p = by_name.get(name)
+        if p is None:
+            raise _Invalid(f"{where}: no such parameter (parameters: {', '.join(by_name)})")
+        if not contains(p, value):
+            allowed = list(p.choices) if p.type == "categorical" else f"{p.type} in [{p.low}, {p.high}]"
+            raise _Invalid(f"{where}: {value!r} is outside the space ({allowed})")
+        for other, allowed in p.when:
+            if other not in entry:
+                raise _Invalid(f"{where}: applies only when {other} is one of {list(allowed)}; give {other} too")
+        if not is_active(p, entry):
+            raise _Invalid(f"{where}: applies only when {', '.join(f'{o} in {list(a)}' for o, a in p.when)}")
+        out[name] = float(value) if p.type == "float" else value
+    try:
+        config.from_dict(apply_params(base, space, fill_params(space, out)))
+    except config.ConfigError as err:
+        raise _Invalid(f"enqueue[{i}]: makes an invalid config ({err})") from None
+    return out
+
+
+def _class_spec(doc: Mapping[str, Any], section: str, module: Any, base: type, default: str) -> ClassSpec:
+    table = _table(doc, section, ("name", "kwargs"))
+    name, kwargs = table.get("name", default), table.get("kwargs", {})
+    valid = sorted(n for n, c in vars(module).items() if inspect.isclass(c) and issubclass(c, base)
+                   and not inspect.isabstract(c) and not n.startswith(("_", "Base")))
+    if name not in valid:
+        raise _Invalid(f"{section}.name: unknown {section} {name!r} (valid: {', '.join(valid)})")
+    if not isinstance(kwargs, Mapping):
+        raise _Invalid(f"{section}.kwargs: expected a table, got {kwargs!r}")
+    _check_plain(f"{section}.kwargs", kwargs)
+    cls = getattr(module, name)
+    accepted = inspect.signature(cls).parameters
+    if not any(a.kind is a.VAR_KEYWORD for a in accepted.values()):
+        for key in kwargs:
+            if key not in accepted:
+                raise _Invalid(f"{section}.kwargs.{key}: not an argument of {name} (valid: {', '.join(accepted)})")
+    if "seed" in kwargs and (not isinstance(kwargs["seed"], int) or isinstance(kwargs["seed"], bool)):
+        raise _Invalid(f"{section}.kwargs.seed: expected an integer, got {kwargs['seed']!r}")
+    try:
+        inspect.signature(cls).bind(**kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # experimental-feature warnings; the worker shows them
+            cls(**kwargs)
+    except Exception as err:  # noqa: BLE001 - any constructor complaint is a bad kwargs table
+        first = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+        raise _Invalid(f"{section}.kwargs: {name} rejects them ({first})") from None
+    return ClassSpec(name=name, kwargs=dict(kwargs))
