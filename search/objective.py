@@ -1,0 +1,98 @@
+"""trial -> RunConfig -> engine -> report/prune -> value, with what happened as trial attributes.
+
+The optuna-examples idiom in one place: suggest, train an epoch, `trial.report(value, epoch)`
+from step 0, `if trial.should_prune(): raise optuna.TrialPruned()`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from typing import Callable
+
+import optuna
+
+import models
+from search import data, engine, space
+from search.storage import count_trials
+
+EpochProgress = Callable[[int, int, dict], None]  # (trial number, epoch, metrics)
+
+
+class OverBudget(Exception):
+    """Another worker took the study's last trial slot at the same moment."""
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{exc.__class__.__name__}: {text[0]}" if text else exc.__class__.__name__
+
+
+def make_objective(spec, *, device: str = "auto",
+                   on_epoch: EpochProgress | None = None) -> Callable[[optuna.Trial], float]:
+    """The function a worker hands to `study.optimize`.
+
+    Args:
+        spec: the study's validated StudySpec.
+        device: training device for this worker (auto | cpu | cuda | cuda:N).
+        on_epoch: progress hook for the CLI, called after each reported epoch.
+    """
+    metric = spec.metric
+    better = max if spec.direction == "maximize" else min
+
+    def objective(trial: optuna.Trial) -> float:
+        earlier = count_trials(trial.study, below=trial.number,
+                               states=("COMPLETE", "PRUNED", "RUNNING", "WAITING"))
+        if earlier >= spec.n_trials:
+            trial.set_user_attr("stop_reason", "over budget: another worker took the last slot")
+            raise OverBudget(f"study budget of {spec.n_trials} trials already taken")
+        params = space.suggest_params(trial, spec)
+        cfg = space.params_to_config(spec, params).replace(device=device)
+        for key, value in (("host", socket.gethostname()), ("pid", os.getpid()),
+                           ("device", str(engine.resolve_device(device)))):
+            trial.set_user_attr(key, value)
+        epoch_seconds: list[float] = []
+
+        def report(epoch: int, m: dict) -> None:
+            epoch_seconds.append(round(m["seconds"], 3))
+            trial.report(m[metric], epoch)
+            if on_epoch is not None:
+                on_epoch(trial.number, epoch, m)
+            if trial.should_prune():
+                trial.set_user_attr("epoch_seconds", epoch_seconds)
+                trial.set_user_attr("stop_reason", f"pruned after epoch {epoch}")
+                raise optuna.TrialPruned(f"pruned after epoch {epoch} at {metric} {m[metric]:.4f}")
+
+        started = time.perf_counter()
+        try:
+            dataset = data.dataset_for(cfg)
+            n_params = models.count_parameters(models.build_model(cfg, dataset.in_shape, dataset.num_classes))
+            trial.set_user_attr("n_params", n_params)
+            result = engine.fit(cfg, report, dataset=dataset)
+        except models.ModelConfigError as exc:
+            # An architecture that cannot fit the input is a property of the space, not a crash.
+            trial.set_user_attr("stop_reason", f"rejected: {exc}")
+            raise optuna.TrialPruned(f"rejected: {exc}") from None
+        except KeyboardInterrupt:
+            trial.set_user_attr("stop_reason", "interrupted")
+            raise
+        except optuna.TrialPruned:
+            raise
+        except Exception as exc:
+            trial.set_user_attr("stop_reason", "crashed")
+            trial.set_user_attr("error", _one_line(exc))
+            raise
+        trial.set_user_attr("epoch_seconds", epoch_seconds)
+        trial.set_user_attr("train_seconds", round(time.perf_counter() - started, 3))
+        trial.set_user_attr("stop_reason", result.stop_reason)
+        if result.stop_reason != "finished":
+            last = result.history[-1] if result.history else {}
+            if math.isfinite(last.get(metric, math.nan)):
+                trial.report(last[metric], last["epoch"])  # the diverged epoch shows on the curves too
+            raise optuna.TrialPruned(result.stop_reason)
+        trial.set_user_attr("best_epoch", result.best_epoch)
+        return better(h[metric] for h in result.history)
+
+    return objective

@@ -1,0 +1,145 @@
+"""Studies in storage: create from a spec (once), load with the stored spec, summarise, delete.
+
+The validated spec is stored in the study's user attrs, so a worker on another machine needs
+only the study name and the storage URL.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import optuna
+
+import search
+from search import spec as spec_mod
+from search.storage import open_storage
+
+SPEC_ATTR = "cnnsearch_spec"
+
+
+class StudyError(ValueError):
+    """A study-level user error (unknown name, conflicting spec, no finished trial)."""
+
+
+@dataclass(frozen=True)
+class Created:
+    study: optuna.Study
+    created: bool  # False: the same spec was already stored under this name
+
+
+def _stored_spec(study: optuna.Study, wait: float = 10.0):
+    """The study's spec; a study created a moment ago by another process may not have it yet."""
+    deadline = time.monotonic() + wait
+    while True:
+        attrs = study.user_attrs
+        if SPEC_ATTR in attrs:
+            return spec_mod.spec_from_dict(attrs[SPEC_ATTR])
+        if time.monotonic() > deadline:
+            raise StudyError(f"study {study.study_name!r} was not created by cnnsearch (no stored spec)")
+        time.sleep(0.2)
+
+
+def create(spec, url: str | None = None, *, replace: bool = False) -> Created:
+    """Create the study for `spec`; idempotent for an identical spec.
+
+    Eight processes creating the same new study at once end with one study, and the spec's
+    enqueued configurations are added exactly once, by the process whose create succeeded.
+
+    Raises:
+        StudyError: a different spec is stored under this name and `replace` is False.
+    """
+    storage = open_storage(url, heartbeat_interval=None)
+    wanted = spec_mod.spec_to_dict(spec)
+    if replace:
+        try:
+            optuna.delete_study(study_name=spec.name, storage=storage)
+        except KeyError:
+            pass
+    try:
+        study = optuna.create_study(study_name=spec.name, storage=storage, direction=spec.direction)
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=spec.name, storage=storage)
+        if spec_mod.spec_to_dict(_stored_spec(study)) != wanted:
+            raise StudyError(f"study {spec.name!r} already exists with a different spec; "
+                             "use --replace to delete it and its trials, or choose another name") from None
+        return Created(study, created=False)
+    study.set_user_attr("cnnsearch_version", search.__version__)
+    study.set_user_attr("created_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    study.set_user_attr("description", spec.description)
+    for params in spec.enqueue:
+        study.enqueue_trial(dict(params), skip_if_exists=True)
+    from search.report import describe_study  # the description as optuna-dashboard's study note
+
+    describe_study(study, spec)
+    study.set_user_attr(SPEC_ATTR, wanted)  # last: its presence means the study is complete
+    return Created(study, created=True)
+
+
+def load(name: str, url: str | None = None, **storage_kwargs) -> tuple[optuna.Study, object]:
+    """(study, spec) for a study created by cnnsearch."""
+    storage = open_storage(url, **storage_kwargs)
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
+        known = f" (studies here: {', '.join(names)})" if names else " (this storage has no studies)"
+        raise StudyError(f"no study named {name!r}{known}") from None
+    return study, _stored_spec(study)
+
+
+def list_studies(url: str | None = None) -> list[dict]:
+    storage = open_storage(url, heartbeat_interval=None)
+    rows = []
+    for s in optuna.get_all_study_summaries(storage, include_best_trial=True):
+        rows.append({"name": s.study_name, "n_trials": s.n_trials,
+                     "best": s.best_trial.value if s.best_trial else None,
+                     "started": s.datetime_start})
+    return sorted(rows, key=lambda r: r["name"])
+
+
+def summary(name: str, url: str | None = None) -> dict:
+    """Counts by state, the best trial, and the running trials with host, device and age."""
+    study, spec = load(name, url, heartbeat_interval=None)
+    trials = study.get_trials(deepcopy=False)
+    counts: dict[str, int] = {}
+    for t in trials:
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    now = datetime.now()
+    running = [{"number": t.number, "host": t.user_attrs.get("host", "?"),
+                "device": t.user_attrs.get("device", "?"),
+                "age_s": (now - t.datetime_start).total_seconds() if t.datetime_start else None,
+                "epochs": len(t.intermediate_values)}
+               for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    best = _best_or_none(study)
+    return {"name": name, "spec": spec, "counts": counts, "finished": counts.get("COMPLETE", 0)
+            + counts.get("PRUNED", 0), "budget": spec.n_trials, "running": running,
+            "best": None if best is None else {"number": best.number, "value": best.value,
+                                               "params": best.params, "user_attrs": best.user_attrs}}
+
+
+def _best_or_none(study: optuna.Study):
+    try:
+        return study.best_trial
+    except ValueError:
+        return None
+
+
+def best_trial(name: str, url: str | None = None, number: int | None = None):
+    """(study, spec, trial): the best finished trial, or trial `number` if it completed."""
+    study, spec = load(name, url, heartbeat_interval=None)
+    if number is None:
+        trial = _best_or_none(study)
+        if trial is None:
+            raise StudyError(f"study {name!r} has no finished trial yet")
+        return study, spec, trial
+    matches = [t for t in study.get_trials(deepcopy=False) if t.number == number]
+    if not matches or matches[0].state != optuna.trial.TrialState.COMPLETE:
+        raise StudyError(f"study {name!r} has no completed trial number {number}")
+    return study, spec, matches[0]
+
+
+def delete(name: str, url: str | None = None) -> None:
+    load(name, url, heartbeat_interval=None)  # same "no study named" error as everywhere
+    optuna.delete_study(study_name=name, storage=open_storage(url, heartbeat_interval=None))

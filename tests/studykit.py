@@ -1,0 +1,97 @@
+"""Small study files and a scratch PostgreSQL database for the search tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+PG_ADMIN_ENV = "CNNSEARCH_TEST_PG"
+
+
+def tiny_study(tmp_path: Path, name: str = "tiny", n_trials: int = 6, epochs: int = 3,
+               pruner: str = 'name = "MedianPruner"\nkwargs = { n_startup_trials = 2, n_warmup_steps = 0 }',
+               enqueue: str = "", extra_study: str = "") -> Path:
+    """A study on 12x12 synthetic images that trains a trial in about a second on CPU."""
+    path = tmp_path / f"{name}.toml"
+    path.write_text(f"""
+[study]
+name = "{name}"
+n_trials = {n_trials}
+{extra_study}
+
+[data]
+dataset = "synthetic"
+data_options = {{ n = 400, classes = 4, channels = 1, size = 12, seed = 0 }}
+
+[fixed]
+model = "convnet"
+epochs = {epochs}
+batch_size = 32
+device = "cpu"
+warmup_epochs = 1
+model_params = {{ channels = [8, 16], padding = 1, fc = [32] }}
+
+[space.lr]
+type = "float"
+low = 1e-6
+high = 3e-2
+log = true
+
+[space.optimizer]
+type = "categorical"
+choices = ["sgd", "adam"]
+
+[space.momentum]
+type = "float"
+low = 0.0
+high = 0.95
+when = {{ optimizer = ["sgd"] }}
+
+[sampler]
+name = "TPESampler"
+kwargs = {{ seed = 0, n_startup_trials = 3 }}
+
+[pruner]
+{pruner}
+{enqueue}
+""")
+    return path
+
+
+def worker_cmd(name: str, url: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "search.cli", "worker", name, "--storage", url, "--device", "cpu",
+            "--quiet", "--threads", "1", *extra]
+
+
+def start_worker(name: str, url: str, *extra: str, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(log, "wb") as out:
+        return subprocess.Popen(worker_cmd(name, url, *extra), stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+@pytest.fixture
+def pg_url():
+    """A scratch PostgreSQL database, dropped afterwards. CI sets CNNSEARCH_TEST_PG; elsewhere
+    these tests skip, saying how to run them."""
+    admin = os.environ.get(PG_ADMIN_ENV)
+    if not admin:
+        pytest.skip(f"set {PG_ADMIN_ENV}=postgresql+psycopg://postgres@127.0.0.1:5432/postgres "
+                    "to run the PostgreSQL tests (CI sets it)")
+    import sqlalchemy
+
+    db = f"cnnsearch_test_{uuid.uuid4().hex[:10]}"
+    engine = sqlalchemy.create_engine(admin, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{db}"'))
+    url = str(sqlalchemy.engine.make_url(admin).set(database=db).render_as_string(hide_password=False))
+    try:
+        yield url
+    finally:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
+        engine.dispose()

@@ -1,0 +1,79 @@
+import optuna
+import pytest
+
+from search import spec as spec_mod
+from search import study as study_mod
+from search.storage import StorageError, mask_url, open_storage, storage_url
+from studykit import tiny_study
+
+
+def test_create_is_idempotent_and_enqueues_once(tmp_path):
+    url = f"sqlite:///{tmp_path}/s.db"
+    path = tiny_study(tmp_path, enqueue='[[enqueue]]\nlr = 1e-3\noptimizer = "adam"\n')
+    spec = spec_mod.load_spec(path)
+    assert study_mod.create(spec, url).created
+    again = study_mod.create(spec, url)
+    assert not again.created
+    waiting = again.study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert len(waiting) == 1 and waiting[0].system_attrs["fixed_params"] == {"lr": 1e-3, "optimizer": "adam"}
+
+
+def test_different_spec_under_same_name_is_refused_unless_replaced(tmp_path):
+    url = f"sqlite:///{tmp_path}/s.db"
+    study_mod.create(spec_mod.load_spec(tiny_study(tmp_path, n_trials=6)), url)
+    other = spec_mod.load_spec(tiny_study(tmp_path, n_trials=9))
+    with pytest.raises(study_mod.StudyError, match="different spec.*--replace"):
+        study_mod.create(other, url)
+    assert study_mod.create(other, url, replace=True).created
+    assert study_mod.load("tiny", url)[1].n_trials == 9
+
+
+def test_workers_need_only_name_and_url(tmp_path):
+    url = f"sqlite:///{tmp_path}/s.db"
+    spec = spec_mod.load_spec(tiny_study(tmp_path))
+    study_mod.create(spec, url)
+    _, stored = study_mod.load("tiny", url)
+    assert stored == spec
+
+
+def test_unknown_study_lists_what_is_there(tmp_path):
+    url = f"sqlite:///{tmp_path}/s.db"
+    study_mod.create(spec_mod.load_spec(tiny_study(tmp_path)), url)
+    with pytest.raises(study_mod.StudyError, match=r"no study named 'nope' \(studies here: tiny\)"):
+        study_mod.load("nope", url)
+
+
+def test_best_trial_of_an_empty_study_is_a_clear_error(tmp_path):
+    url = f"sqlite:///{tmp_path}/s.db"
+    study_mod.create(spec_mod.load_spec(tiny_study(tmp_path)), url)
+    with pytest.raises(study_mod.StudyError, match="no finished trial"):
+        study_mod.best_trial("tiny", url)
+
+
+def test_passwords_are_masked():
+    assert mask_url("postgresql+psycopg://alice:s3cret@db.example/cnn") == \
+        "postgresql+psycopg://alice:***@db.example/cnn"
+
+
+def test_storage_url_precedence(monkeypatch):
+    monkeypatch.delenv("CNNSEARCH_STORAGE", raising=False)
+    assert storage_url(None) == "sqlite:///cnnsearch.db"
+    monkeypatch.setenv("CNNSEARCH_STORAGE", "sqlite:///x.db")
+    assert storage_url(None) == "sqlite:///x.db"
+    assert storage_url("sqlite:///y.db") == "sqlite:///y.db"
+
+
+@pytest.mark.parametrize("url,fragment", [
+    ("not a url", "malformed storage URL"),
+    ("nosuchdb://x/y", "unknown database driver"),
+])
+def test_bad_storage_urls(url, fragment):
+    with pytest.raises(StorageError, match=fragment):
+        open_storage(url)
+
+
+def test_unreachable_database_names_host_and_masks_password():
+    with pytest.raises(StorageError) as info:
+        open_storage("postgresql+psycopg://bob:hunter2@127.0.0.1:1/cnn")
+    message = str(info.value)
+    assert "127.0.0.1" in message and "hunter2" not in message and "\n" not in message
