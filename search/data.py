@@ -57,6 +57,7 @@ class Dataset:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     classes: tuple[str, ...]
+    skipped: int = 0  # unreadable image files left out (folder datasets)
 
     @property
     def in_shape(self) -> tuple[int, int, int]:
@@ -248,7 +249,7 @@ def _load_folder(options: dict):
     if unknown:
         raise DataError(f"options: unknown key {unknown[0]!r} for folder (valid: {', '.join(accepted)})")
     data = load_folder(**options)
-    return data.train_x, data.train_y, data.test_x, data.test_y, tuple(data.classes)
+    return data.train_x, data.train_y, data.test_x, data.test_y, tuple(data.classes), data.skipped
 
 
 _LOADERS: dict[str, Callable[[Path | None, bool, dict], tuple]] = {  # name -> (root, download, options)
@@ -318,7 +319,7 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, downlo
         return _DATASETS[key]
     if raw_key not in _RAW:
         _RAW[raw_key] = _LOADERS[name](root, download, options)
-    train_x, train_y, test_x, test_y, classes = _RAW[raw_key]
+    train_x, train_y, test_x, test_y, classes, *skipped = _RAW[raw_key]
     train_x, train_y, val_x, val_y = split_val(train_x, train_y, val_fraction, val_seed)
     mean, std = _PUBLISHED_STATS.get(name) or _channel_stats(train_x)
     if subset is not None:
@@ -326,7 +327,8 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, downlo
             raise DataError(f"subset: {subset} is more than the {len(train_y)} training images of {name}")
         keep = _stratified_pick(train_y, subset, val_seed)
         train_x, train_y = train_x[keep], train_y[keep]
-    ds = Dataset(name, train_x, train_y, val_x, val_y, test_x, test_y, tuple(mean), tuple(std), tuple(classes))
+    ds = Dataset(name, train_x, train_y, val_x, val_y, test_x, test_y, tuple(mean), tuple(std), tuple(classes),
+                 skipped=skipped[0] if skipped else 0)
     _DATASETS[key] = ds
     return ds
 
@@ -348,7 +350,8 @@ def to_device(ds: Dataset, device: torch.device | str) -> Dataset:
     key = (ds, str(dev))  # Dataset hashes by identity; holding it here keeps the key valid
     if key not in _ON_DEVICE:
         moved = {f: getattr(ds, f).to(dev) for f in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")}
-        _ON_DEVICE[key] = Dataset(ds.name, mean=ds.mean, std=ds.std, classes=ds.classes, **moved)
+        _ON_DEVICE[key] = Dataset(ds.name, mean=ds.mean, std=ds.std, classes=ds.classes, skipped=ds.skipped,
+                                  **moved)
     return _ON_DEVICE[key]
 
 

@@ -29,7 +29,7 @@ class Created:
     created: bool  # False: the same spec was already stored under this name
 
 
-def _stored_spec(study: optuna.Study, wait: float = 10.0):
+def _stored_spec(study: optuna.Study, wait: float = 60.0):
     """The study's spec; a study created a moment ago by another process may not have it yet."""
     deadline = time.monotonic() + wait
     while True:
@@ -50,6 +50,11 @@ def create(spec, url: str | None = None, *, replace: bool = False) -> Created:
     Raises:
         StudyError: a different spec is stored under this name and `replace` is False.
     """
+    # Imported before the study exists: the processes that lose the race wait for the winner's
+    # spec, and a cold import of optuna-dashboard takes seconds on a busy machine.
+    from search.report import describe_study  # the description as optuna-dashboard's study note
+    import optuna_dashboard  # noqa: F401
+
     storage = open_storage(url, heartbeat_interval=None)
     wanted = spec_mod.spec_to_dict(spec)
     if replace:
@@ -68,10 +73,17 @@ def create(spec, url: str | None = None, *, replace: bool = False) -> Created:
     study.set_user_attr("cnnsearch_version", search.__version__)
     study.set_user_attr("created_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
     study.set_user_attr("description", spec.description)
+    if spec.data.get("dataset") == "folder":
+        # Class names travel with the study (and from there into exports and checkpoints),
+        # so predictions print names; listing the folder decodes nothing.
+        from search.folder import list_folder
+
+        options = spec.data.get("data_options", {})
+        listing = list_folder(options["path"], test_fraction=options.get("test_fraction", 0.1),
+                              split_seed=options.get("split_seed", 0))
+        study.set_user_attr("classes", list(listing.classes))
     for params in spec.enqueue:
         study.enqueue_trial(dict(params), skip_if_exists=True)
-    from search.report import describe_study  # the description as optuna-dashboard's study note
-
     describe_study(study, spec)
     study.set_user_attr(SPEC_ATTR, wanted)  # last: its presence means the study is complete
     return Created(study, created=True)

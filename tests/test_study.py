@@ -77,3 +77,45 @@ def test_unreachable_database_names_host_and_masks_password():
         open_storage("postgresql+psycopg://bob:hunter2@127.0.0.1:1/cnn")
     message = str(info.value)
     assert "127.0.0.1" in message and "hunter2" not in message and "\n" not in message
+
+
+def _image_folder(root, classes=("cat", "dog", "owl"), per_class=12):
+    from PIL import Image
+
+    for k, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            color = tuple(int(v) for v in ((k * 90 + i) % 256, (k * 40) % 256, 255 - k * 80))
+            Image.new("RGB", (20 + i, 16), color).save(root / name / f"{i}.png")
+    return root
+
+
+def test_a_folder_study_stores_class_names_and_runs(tmp_path):
+    from search.worker import run_worker
+
+    images = _image_folder(tmp_path / "pets")
+    text = tiny_study(tmp_path, n_trials=2, epochs=1).read_text().replace(
+        'dataset = "synthetic"\ndata_options = { n = 400, classes = 4, channels = 1, size = 12, seed = 0 }',
+        f'dataset = "folder"\ndata_options = {{ path = "{images}", image_size = 8, channels = 3, '
+        f'cache_dir = "{tmp_path / "cache"}" }}')
+    path = tmp_path / "pets.toml"
+    path.write_text(text)
+    url = f"sqlite:///{tmp_path}/s.db"
+    made = study_mod.create(spec_mod.load_spec(path), url)
+    assert made.study.user_attrs["classes"] == ["cat", "dog", "owl"]
+    assert run_worker("tiny", url, device="cpu").stopped_because == "budget reached"
+    assert sorted(p.name for p in images.iterdir()) == ["cat", "dog", "owl"]  # nothing written there
+
+
+def test_train_takes_a_folder_directly(tmp_path):
+    from typer.testing import CliRunner
+
+    from search.cli import app
+
+    images = _image_folder(tmp_path / "pets")
+    options = f'{{"path": "{images}", "image_size": 8, "channels": 1, "cache_dir": "{tmp_path / "c"}"}}'
+    result = CliRunner().invoke(app, ["train", "--set", "dataset=folder", "--set", f"data_options={options}",
+                                      "--set", "epochs=1", "--set", "batch_size=8", "--device", "cpu",
+                                      "--set", 'model_params={"channels": [4], "padding": 1, "fc": [8]}'])
+    assert result.exit_code == 0, result.output
+    assert "test acc" in result.stdout
