@@ -103,13 +103,15 @@ def batch_erase(x: torch.Tensor, p: float, scale=(0.02, 0.33), ratio=(0.3, 3.3))
 
 
 def make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
+    # fused: one kernel for the whole update instead of one per tensor; at batch 32 the
+    # optimizer step is a visible share of each step (CPU and CUDA alike, torch >= 2.4).
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "rmsprop":
+                               weight_decay=cfg.weight_decay, fused=True)
+    if cfg.optimizer == "rmsprop":  # has no fused implementation
         return torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
 def make_scheduler(cfg: RunConfig, opt, steps_per_epoch: int):

@@ -65,8 +65,14 @@ class StudySpec:
     enqueue: tuple[dict, ...]  # configurations to try first, by parameter name
 
 
-def load_spec(path: str | Path) -> StudySpec:
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> StudySpec:
     """Reads and validates a study file.
+
+    Args:
+        path: the study file.
+        overrides: `section.key=value` changes applied before validation (values parsed as
+            JSON, else strings), e.g. `study.n_trials=12`, `data.subset=10000`, `fixed.epochs=4`:
+            a shipped study at a smaller budget without editing the file.
 
     Raises:
         SpecError: the file is missing, not TOML, or anything in it is invalid (one line).
@@ -80,6 +86,11 @@ def load_spec(path: str | Path) -> StudySpec:
         raise SpecError(f"{path}: cannot read ({err.__class__.__name__})") from None
     except tomllib.TOMLDecodeError as err:
         raise SpecError(f"{path}: not valid TOML ({err})") from None
+    if overrides:
+        try:
+            doc = config.merge(doc, config.parse_overrides(overrides))
+        except config.ConfigError as err:
+            raise SpecError(f"{path}: {err}") from None
     return spec_from_dict(doc, source=str(path))
 
 

@@ -351,3 +351,15 @@ def test_junk_is_a_one_line_spec_error_never_a_crash(where, enqueue):
         spec_from_dict(doc)
     except SpecError as err:
         assert str(err).startswith("stored spec: ") and "\n" not in str(err)
+
+
+def test_overrides_shrink_a_shipped_study_and_are_validated():
+    from search.spec import SpecError, load_spec
+
+    spec = load_spec("studies/mnist_pooling.toml",
+                     ["study.n_trials=5", "study.name=mnist_pooling_cpu", "data.subset=1000", "fixed.epochs=2"])
+    assert (spec.n_trials, spec.name, spec.data["subset"], spec.fixed["epochs"]) == (5, "mnist_pooling_cpu", 1000, 2)
+    with pytest.raises(SpecError, match="mnist_pooling.toml: .*n_trials"):
+        load_spec("studies/mnist_pooling.toml", ["study.n_trials=0"])
+    with pytest.raises(SpecError, match="expected key=value"):
+        load_spec("studies/mnist_pooling.toml", ["study.n_trials"])
