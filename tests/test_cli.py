@@ -24,7 +24,8 @@ def test_version():
     assert result.exit_code == 0 and search.__version__ in result.stdout
 
 
-def test_train_digits_prints_progress_and_accuracies():
+def test_train_digits_prints_progress_and_accuracies(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # train writes runs/<name>/ here
     result = run("train", "--set", "dataset=digits", "--set", "epochs=2", "--set", "batch_size=32",
                  "--set", 'model_params={"channels": [8, 16], "padding": 1, "fc": [32]}', "--device", "cpu")
     assert result.exit_code == 0, result.output
@@ -32,7 +33,8 @@ def test_train_digits_prints_progress_and_accuracies():
     assert "test acc" in result.stdout and "best val acc" in result.stdout
 
 
-def test_train_reads_a_config_file(tmp_path):
+def test_train_reads_a_config_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     path = tmp_path / "run.toml"
     path.write_text('dataset = "synthetic"\nepochs = 1\nbatch_size = 16\ndevice = "cpu"\n'
                     '[data_options]\nn = 200\nclasses = 3\nsize = 8\nchannels = 1\n'

@@ -107,7 +107,8 @@ def test_a_folder_study_stores_class_names_and_runs(tmp_path):
     assert sorted(p.name for p in images.iterdir()) == ["cat", "dog", "owl"]  # nothing written there
 
 
-def test_train_takes_a_folder_directly(tmp_path):
+def test_train_takes_a_folder_directly(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # train writes runs/<name>/ here
     from typer.testing import CliRunner
 
     from search.cli import app
