@@ -124,9 +124,17 @@ def train(
     out.print(f"wrote {', '.join(str(f) for f in result.files)}", markup=False)
 
 
+StudySetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", "-s", help="Override the study file: section.key=value, e.g. study.n_trials=12, "
+    "data.subset=10000, fixed.epochs=4 (JSON values).")]
 StorageOpt = Annotated[Optional[str], typer.Option("--storage", envvar="CNNSEARCH_STORAGE",
                                                   help="Database URL (default sqlite:///cnnsearch.db).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="One line per trial instead of progress bars.")]
+HeartbeatOpt = Annotated[Optional[int], typer.Option(
+    min=1, envvar="CNNSEARCH_HEARTBEAT", help="Seconds between a running trial's heartbeats (default 10).")]
+GraceOpt = Annotated[Optional[int], typer.Option(
+    min=1, envvar="CNNSEARCH_GRACE", help="Seconds without a heartbeat after which a running trial "
+    "counts as dead: failed and retried once (default 60).")]
 
 
 def _fmt_params(params: dict) -> str:
@@ -143,24 +151,31 @@ def _trial_line(study, trial) -> str:
 
 
 def _work(name: str, storage: Optional[str], device: str, quiet: bool, seed_offset: Optional[int],
-          threads: Optional[int]) -> None:
+          threads: Optional[int], heartbeat: Optional[int] = None, grace: Optional[int] = None,
+          reconnect_for: Optional[float] = None) -> None:
     """One worker in this process, with progress bars (or plain lines when quiet)."""
     import optuna
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from search import study as study_mod
+    from search.engine import resolve_device
     from search.storage import count_trials, mask_url, storage_url
-    from search.worker import run_worker
+    from search.worker import RECONNECT_FOR, run_worker
 
     if threads:
         torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    resolve_device(device)  # before the banner: a bad device is the only line
     _, spec = study_mod.load(name, storage, heartbeat_interval=None)
     out.print(f"worker for {name!r} on {mask_url(storage_url(storage))}, device {device}, "
               f"budget {spec.n_trials} trials")
+    limit = RECONNECT_FOR if reconnect_for is None else reconnect_for
+    resilience = {"heartbeat_interval": heartbeat, "grace_period": grace, "reconnect_for": limit,
+                  "on_outage": lambda why, waited: err.print(
+                      f"storage unreachable ({why}); reconnecting, {waited:.0f}/{limit:.0f} s waited", markup=False)}
     if quiet:
-        result = run_worker(name, storage, device=device, seed_offset=seed_offset,
+        result = run_worker(name, storage, device=device, seed_offset=seed_offset, **resilience,
                             on_trial=lambda s, t: out.print(_trial_line(s, t), markup=False))
     else:
         epochs = spec.fixed.get("epochs", 10)
@@ -179,7 +194,7 @@ def _work(name: str, storage: Optional[str], device: str, quiet: bool, seed_offs
                 bars.update(trials_bar, completed=count_trials(study, ("COMPLETE", "PRUNED")))
                 bars.update(epoch_bar, completed=0)
 
-            result = run_worker(name, storage, device=device, seed_offset=seed_offset,
+            result = run_worker(name, storage, device=device, seed_offset=seed_offset, **resilience,
                                 on_trial=on_trial, on_epoch=on_epoch)
     out.print(f"worker done: {result.trials_run} trials run here; stopped: {result.stopped_because}")
     _print_best(name, storage)
@@ -202,15 +217,19 @@ def _print_best(name: str, storage: Optional[str]) -> None:
 def create(
     study_file: Annotated[Path, typer.Argument(help="Study file (TOML), e.g. studies/digits_quick.toml.")],
     storage: StorageOpt = None,
+    set_: StudySetOpt = None,
     replace: Annotated[bool, typer.Option("--replace", help="Delete an existing study of this name "
                                           "(and its trials) when its spec differs.")] = False,
 ) -> None:
     """Validate a study file and create the study in storage (idempotent for the same file)."""
+    import optuna
+
     from search import spec as spec_mod
     from search import study as study_mod
     from search.storage import mask_url, storage_url
 
-    spec = spec_mod.load_spec(study_file)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # this command prints its own line
+    spec = spec_mod.load_spec(study_file, set_)
     made = study_mod.create(spec, storage, replace=replace)
     verb = "created" if made.created else "already exists (same spec)"
     out.print(f"study {spec.name!r} {verb} in {mask_url(storage_url(storage))}: budget {spec.n_trials} "
@@ -221,6 +240,7 @@ def create(
 @user_errors
 def run(
     study_file: Annotated[Path, typer.Argument(help="Study file (TOML).")],
+    set_: StudySetOpt = None,
     storage: StorageOpt = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     quiet: QuietOpt = False,
@@ -229,7 +249,7 @@ def run(
     from search import spec as spec_mod
     from search import study as study_mod
 
-    spec = spec_mod.load_spec(study_file)
+    spec = spec_mod.load_spec(study_file, set_)
     study_mod.create(spec, storage)
     _work(spec.name, storage, device, quiet, None, None)
 
@@ -244,9 +264,14 @@ def worker(
     seed_offset: Annotated[Optional[int], typer.Option(help="Added to the sampler seed (default: pid).")] = None,
     threads: Annotated[Optional[int], typer.Option(envvar="CNNSEARCH_THREADS",
                                                    help="torch CPU threads for this worker.")] = None,
+    heartbeat: HeartbeatOpt = None,
+    grace: GraceOpt = None,
+    reconnect_for: Annotated[Optional[float], typer.Option(
+        min=0, envvar="CNNSEARCH_RECONNECT_FOR", help="Seconds to keep retrying a lost database "
+        "before giving up (default 60).")] = None,
 ) -> None:
     """Pull trials of a study until its global budget is reached or its timeout passes."""
-    _work(name, storage, device, quiet, seed_offset, threads)
+    _work(name, storage, device, quiet, seed_offset, threads, heartbeat, grace, reconnect_for)
 
 
 @app.command()
@@ -259,6 +284,8 @@ def launch(
     cpus: Annotated[Optional[int], typer.Option(min=1, help="CPU workers sharing the cores "
                                                 "(when there is no GPU).")] = None,
     log_dir: Annotated[Path, typer.Option(help="Where each worker's log goes.")] = Path("logs"),
+    heartbeat: HeartbeatOpt = None,
+    grace: GraceOpt = None,
 ) -> None:
     """Start one worker process per GPU slot (or --cpus N on a CPU machine) and wait for them."""
     from search import study as study_mod
@@ -267,7 +294,8 @@ def launch(
 
     study_mod.load(name, storage, heartbeat_interval=None)  # fail here, not in N log files
     slots = plan_slots(gpus, per_gpu, cpus if gpus is None else None, log_dir)
-    codes = launch_workers(name, storage, slots, on_start=lambda k, slot, pid: out.print(
+    extra = [*(["--heartbeat", str(heartbeat)] if heartbeat else []), *(["--grace", str(grace)] if grace else [])]
+    codes = launch_workers(name, storage, slots, worker_args=extra, on_start=lambda k, slot, pid: out.print(
         f"worker {k} (pid {pid}, {slot.device}, {slot.env.get('CUDA_VISIBLE_DEVICES') or 'no GPU'}) "
         f"-> {slot.log}"))
     out.print(f"workers exited with codes {codes}")

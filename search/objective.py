@@ -16,7 +16,7 @@ import optuna
 
 import models
 from search import data, engine, space
-from search.storage import count_trials
+from search.storage import connection_problem, count_trials
 
 EpochProgress = Callable[[int, int, dict], None]  # (trial number, epoch, metrics)
 
@@ -43,7 +43,9 @@ def make_objective(spec, *, device: str = "auto",
     better = max if spec.direction == "maximize" else min
 
     def objective(trial: optuna.Trial) -> float:
-        earlier = count_trials(trial.study, below=trial.number,
+        # A retry takes the slot of the trials it repeats, failed or about to be.
+        replaced = trial.study._storage.get_trial(trial._trial_id).system_attrs.get("retry_history", [])
+        earlier = count_trials(trial.study, below=trial.number, excluding=replaced,
                                states=("COMPLETE", "PRUNED", "RUNNING", "WAITING"))
         if earlier >= spec.n_trials:
             trial.set_user_attr("stop_reason", "over budget: another worker took the last slot")
@@ -75,12 +77,11 @@ def make_objective(spec, *, device: str = "auto",
             # An architecture that cannot fit the input is a property of the space, not a crash.
             trial.set_user_attr("stop_reason", f"rejected: {exc}")
             raise optuna.TrialPruned(f"rejected: {exc}") from None
-        except KeyboardInterrupt:
-            trial.set_user_attr("stop_reason", "interrupted")
-            raise
         except optuna.TrialPruned:
             raise
         except Exception as exc:
+            if connection_problem(exc) or isinstance(exc, optuna.exceptions.UpdateFinishedTrialError):
+                raise  # the database, or another worker's stale check, not the trial: the worker settles it
             trial.set_user_attr("stop_reason", "crashed")
             trial.set_user_attr("error", _one_line(exc))
             raise

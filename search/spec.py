@@ -99,7 +99,12 @@ def spec_from_dict(doc: Mapping[str, Any], source: str = "stored spec") -> Study
     try:
         return _parse(doc)
     except (_Invalid, SpaceError) as err:
-        raise SpecError(f"{source}: {err}") from None
+        raise SpecError(f"{source}: {_printable(str(err))}") from None
+
+
+def _printable(text: str) -> str:
+    """Keys are echoed as the file spells them; a line break in one must not split the message."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def spec_to_dict(spec: StudySpec) -> dict[str, Any]:

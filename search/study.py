@@ -29,14 +29,15 @@ class Created:
     created: bool  # False: the same spec was already stored under this name
 
 
-def _stored_spec(study: optuna.Study, wait: float = 60.0):
-    """The study's spec; a study created a moment ago by another process may not have it yet."""
-    deadline = time.monotonic() + wait
+def _stored_spec(study: optuna.Study, wait: float = 60.0, wait_foreign: float = 5.0):
+    """The study's spec. A study created a moment ago by another process may not have it yet:
+    wait while its creator is still at work (its version attr is set first), briefly otherwise."""
+    started = time.monotonic()
     while True:
         attrs = study.user_attrs
         if SPEC_ATTR in attrs:
             return spec_mod.spec_from_dict(attrs[SPEC_ATTR])
-        if time.monotonic() > deadline:
+        if time.monotonic() - started > (wait if "cnnsearch_version" in attrs else wait_foreign):
             raise StudyError(f"study {study.study_name!r} was not created by cnnsearch (no stored spec)")
         time.sleep(0.2)
 

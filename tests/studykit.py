@@ -85,7 +85,8 @@ def pg_url():
     import sqlalchemy
 
     db = f"cnnsearch_test_{uuid.uuid4().hex[:10]}"
-    engine = sqlalchemy.create_engine(admin, isolation_level="AUTOCOMMIT")
+    # No pooled connection: a test may restart the server, and the clean-up must still work.
+    engine = sqlalchemy.create_engine(admin, isolation_level="AUTOCOMMIT", poolclass=sqlalchemy.pool.NullPool)
     with engine.connect() as conn:
         conn.execute(sqlalchemy.text(f'CREATE DATABASE "{db}"'))
     url = str(sqlalchemy.engine.make_url(admin).set(database=db).render_as_string(hide_password=False))
