@@ -73,6 +73,15 @@ class Dataset:
                 f"device={self.train_x.device})")
 
 
+def resolve_folder_path(path: str | os.PathLike, data_dir: str | os.PathLike | None) -> Path:
+    """A folder dataset's path: relative paths are under the data directory when one is given
+    (argument or $CNNSEARCH_DATA), so study files name no machine's layout; else under the
+    working directory."""
+    path = Path(path).expanduser()
+    base = data_dir or os.environ.get("CNNSEARCH_DATA")
+    return path if path.is_absolute() or not base else Path(base).expanduser() / path
+
+
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
     """Where torchvision datasets live: the argument, else $CNNSEARCH_DATA, else ./data."""
     chosen = data_dir or os.environ.get("CNNSEARCH_DATA") or "data"
@@ -313,6 +322,8 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, downlo
     if subset is not None and (isinstance(subset, bool) or not isinstance(subset, int) or subset <= 0):
         raise DataError(f"subset: expected a positive integer or nothing, got {subset!r}")
     root = resolve_data_dir(data_dir) if name in _USES_DATA_DIR else None
+    if name == "folder" and "path" in options:
+        options["path"] = str(resolve_folder_path(options["path"], data_dir))
     raw_key = (name, str(root), _freeze(options))
     key = (*raw_key, val_fraction, val_seed, subset)
     if key in _DATASETS:

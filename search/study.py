@@ -77,10 +77,12 @@ def create(spec, url: str | None = None, *, replace: bool = False) -> Created:
     if spec.data.get("dataset") == "folder":
         # Class names travel with the study (and from there into exports and checkpoints),
         # so predictions print names; listing the folder decodes nothing.
+        from search.data import resolve_folder_path
         from search.folder import list_folder
 
         options = spec.data.get("data_options", {})
-        listing = list_folder(options["path"], test_fraction=options.get("test_fraction", 0.1),
+        path = resolve_folder_path(options["path"], spec.data.get("data_dir"))
+        listing = list_folder(path, test_fraction=options.get("test_fraction", 0.1),
                               split_seed=options.get("split_seed", 0))
         study.set_user_attr("classes", list(listing.classes))
     for params in spec.enqueue:

@@ -1,3 +1,4 @@
+import json
 import gzip
 import struct
 import sys
@@ -358,3 +359,22 @@ def test_folder_dispatches_options_and_carves_val(fake_folder):
 def test_bad_folder_options_name_the_option(fake_folder, options, key):
     with pytest.raises(data.DataError, match=key):
         data.load_dataset("folder", options=options)
+
+
+def test_relative_folder_paths_resolve_under_the_data_dir(tmp_path, monkeypatch):
+    from search.data import resolve_folder_path
+
+    monkeypatch.delenv("CNNSEARCH_DATA", raising=False)
+    assert resolve_folder_path("pets", None) == Path("pets")
+    assert resolve_folder_path("pets", tmp_path) == tmp_path / "pets"
+    assert resolve_folder_path(tmp_path / "abs", "/elsewhere") == tmp_path / "abs"
+    monkeypatch.setenv("CNNSEARCH_DATA", str(tmp_path))
+    assert resolve_folder_path("pets", None) == tmp_path / "pets"
+
+
+def test_shipped_jpeg_study_finds_the_zip_under_the_data_dir(shared_datasets):
+    from search.data import resolve_folder_path
+    from search.spec import load_spec
+
+    spec = load_spec("studies/cifar10_jpeg_sixconv.toml", [f"data.data_dir={json.dumps(str(shared_datasets))}"])
+    assert resolve_folder_path(spec.data["data_options"]["path"], spec.data["data_dir"]).is_file()
