@@ -63,6 +63,66 @@ kwargs = {{ seed = 0, n_startup_trials = 3 }}
     return path
 
 
+QUICK_STUDY = """
+[study]
+name = "{name}"
+n_trials = {n_trials}
+description = "{description}"
+
+[data]
+dataset = "synthetic"
+data_options = {{ n = {n}, classes = 3, size = 8, channels = 1 }}
+
+[fixed]
+model = "convnet"
+epochs = 2
+batch_size = 32
+device = "cpu"
+warmup_epochs = 5                # no divergence check in two epochs: every trial completes
+model_params = {{ channels = [4], padding = 1, fc = [8] }}
+
+[space.lr]
+type = "float"
+low = 3e-3
+high = 3e-2
+log = true
+
+[space.optimizer]
+type = "categorical"
+choices = ["adam", "adamw"]
+
+[sampler]
+name = "RandomSampler"
+kwargs = {{ seed = 0 }}
+"""
+
+
+def quick_study(folder: Path, name: str = "tiny", n_trials: int = 2, n: int = 400, run: bool = True,
+                description: str = "tiny synthetic study whose trials all complete") -> str:
+    """Create (and by default run, with the real worker) a study whose trials all complete,
+    for tests of what comes after the search; returns its SQLite URL."""
+    from search import spec as spec_mod
+    from search import study as study_mod
+    from search.worker import run_worker
+
+    path = folder / f"{name}.toml"
+    path.write_text(QUICK_STUDY.format(name=name, n_trials=n_trials, n=n, description=description))
+    url = f"sqlite:///{folder / 'study.db'}"
+    study_mod.create(spec_mod.load_spec(path), url)
+    if run:
+        run_worker(name, url, device="cpu", seed_offset=0)
+    return url
+
+
+def assert_one_line_error(result, fragment: str) -> None:
+    """A CLI user error: exit 1, exactly one `error: ...` line on stderr, no traceback."""
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert fragment in lines[0]
+    assert "Traceback" not in result.output
+
+
 def worker_cmd(name: str, url: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "search.cli", "worker", name, "--storage", url, "--device", "cpu",
             "--quiet", "--threads", "1", *extra]

@@ -4,19 +4,13 @@ from typer.testing import CliRunner
 import search
 from search.cli import app
 
+from studykit import assert_one_line_error  # noqa: E402
+
 runner = CliRunner()
 
 
 def run(*args, **kwargs):
     return runner.invoke(app, list(args), **kwargs)
-
-
-def assert_one_line_error(result, fragment):
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert fragment in lines[0]
-    assert "Traceback" not in result.output
 
 
 def test_version():

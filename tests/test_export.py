@@ -14,64 +14,17 @@ from search import spec as spec_mod
 from search import study as study_mod
 from search.cli import app
 from search.export import CheckpointError, export_document, load_checkpoint, write_atomic
-from search.worker import run_worker
+
+from studykit import QUICK_STUDY, assert_one_line_error, quick_study  # noqa: E402
 
 runner = CliRunner()
 
-STUDY = """
-[study]
-name = "tiny"
-n_trials = {n_trials}
-description = "tiny synthetic study for the export tests"
-
-[data]
-dataset = "synthetic"
-data_options = {{ n = 400, classes = 3, size = 8, channels = 1 }}
-
-[fixed]
-model = "convnet"
-epochs = 2
-batch_size = 32
-device = "cpu"
-warmup_epochs = 5                # no divergence check in two epochs: every trial completes
-model_params = {{ channels = [4], padding = 1, fc = [8] }}
-
-[space.lr]
-type = "float"
-low = 3e-3
-high = 3e-2
-log = true
-
-[space.optimizer]
-type = "categorical"
-choices = ["adam", "adamw"]
-
-[sampler]
-name = "RandomSampler"
-kwargs = {{ seed = 0 }}
-"""
-
-
 def make_study(folder, n_trials=2, run=True):
-    """A study created and (optionally) run through search.study and search.worker."""
-    (folder / "tiny.toml").write_text(STUDY.format(n_trials=n_trials))
-    url = f"sqlite:///{folder / 'study.db'}"
-    spec = spec_mod.load_spec(folder / "tiny.toml")
-    study_mod.create(spec, url)
-    if run:
-        run_worker("tiny", url, device="cpu", seed_offset=0)
-    return url
+    return quick_study(folder, "tiny", n_trials=n_trials, run=run)
 
 
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_one_line_error(result, fragment):
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert fragment in lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +187,7 @@ def test_export_of_a_folder_study_names_its_classes(tmp_path):
         (tmp_path / "pets" / name).mkdir(parents=True)
         for i in range(3):
             Image.new("L", (8, 8), color=40 * i).save(tmp_path / "pets" / name / f"{i}.png")
-    text = STUDY.format(n_trials=1).replace('dataset = "synthetic"', 'dataset = "folder"').replace(
+    text = QUICK_STUDY.format(name="tiny", n_trials=1, n=400, description="a folder study").replace('dataset = "synthetic"', 'dataset = "folder"').replace(
         "data_options = { n = 400, classes = 3, size = 8, channels = 1 }",
         f'data_options = {{ path = "{tmp_path / "pets"}", image_size = 8, channels = 1 }}')
     (tmp_path / "pets.toml").write_text(text)

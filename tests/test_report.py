@@ -16,55 +16,19 @@ from search import spec as spec_mod
 from search import study as study_mod
 from search.cli import app
 from search.report import build_report
-from search.worker import run_worker
+
+from studykit import quick_study  # noqa: E402
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = ("history", "intermediate", "importances", "parallel", "slice")
 
-STUDY = """
-[study]
-name = "small"
-n_trials = 3
-description = "three tiny trials for the report test"
-
-[data]
-dataset = "synthetic"
-data_options = { n = 300, classes = 3, size = 8, channels = 1 }
-
-[fixed]
-model = "convnet"
-epochs = 2
-batch_size = 32
-device = "cpu"
-warmup_epochs = 5
-model_params = { channels = [4], padding = 1, fc = [8] }
-
-[space.lr]
-type = "float"
-low = 3e-3
-high = 3e-2
-log = true
-
-[space.optimizer]
-type = "categorical"
-choices = ["adam", "adamw"]
-
-[sampler]
-name = "RandomSampler"
-kwargs = { seed = 0 }
-"""
-
-
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """A study of three trials run by the real worker."""
     folder = tmp_path_factory.mktemp("report")
-    (folder / "small.toml").write_text(STUDY)
-    url = f"sqlite:///{folder / 'study.db'}"
-    study_mod.create(spec_mod.load_spec(folder / "small.toml"), url)
-    run_worker("small", url, device="cpu", seed_offset=0)
-    return folder, url
+    return folder, quick_study(folder, "small", n_trials=3, n=300,
+                               description="three tiny trials for the report test")
 
 
 def test_report_cli_writes_one_self_contained_file_with_figures_table_and_config(small):
