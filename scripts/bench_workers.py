@@ -103,7 +103,7 @@ def sleeping_fit(cfg, on_epoch=None, *, dataset=None, evaluate_test=False, full_
         if on_epoch is not None:
             on_epoch(epoch, metrics)
     return engine.FitResult(history=history, best_val_acc=0.5, best_epoch=len(history) - 1,
-                            stop_reason="finished", model=None, n_params=0, device="cpu")
+                            stop_reason="finished", model=None, n_params=0, device="cpu", precision="fp32")
 
 
 def worker_process(url: str, spec: spec_mod.StudySpec, index: int, step_seconds: float, barrier, results) -> None:

@@ -55,6 +55,9 @@ class RunConfig:
     # run
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # auto: bf16 autocast where the hardware computes bf16 natively (CUDA; CPUs with AVX512-BF16
+    # or AMX), fp32 elsewhere. fp32 forces full precision; bf16 asks for autocast everywhere.
+    precision: str = "auto"  # auto | fp32 | bf16
     warmup_epochs: int = 2  # validation accuracy still at chance after this many epochs -> diverged
 
     def replace(self, **changes: Any) -> "RunConfig":
@@ -64,6 +67,7 @@ class RunConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULERS = ("none", "step", "cosine", "onecycle")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
@@ -103,6 +107,8 @@ def _check(cfg: RunConfig) -> RunConfig:
         raise bad("optimizer", f"expected one of {', '.join(OPTIMIZERS)}")
     if cfg.scheduler not in SCHEDULERS:
         raise bad("scheduler", f"expected one of {', '.join(SCHEDULERS)}")
+    if cfg.precision not in PRECISIONS:
+        raise bad("precision", f"expected one of {', '.join(PRECISIONS)}")
     for key in ("lr", "epochs", "batch_size", "step_size"):
         if getattr(cfg, key) <= 0:
             raise bad(key, "must be > 0")

@@ -32,6 +32,7 @@ class FitResult:
     model: nn.Module
     n_params: int
     device: str
+    precision: str  # "bf16" (autocast) or "fp32"
     test_acc: float | None = None
     test_loss: float | None = None
     extras: dict = field(default_factory=dict)
@@ -128,15 +129,15 @@ def make_scheduler(cfg: RunConfig, opt, steps_per_epoch: int):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: Normalizer,
-             batch_size: int = 1024) -> tuple[float, float]:
+             batch_size: int = 1024, bf16: bool = False) -> tuple[float, float]:
     """Mean cross-entropy and accuracy over uint8 images already on the model's device."""
     model.eval()
     device = x.device
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     for i in range(0, x.shape[0], batch_size):
-        xb = _prepare(norm(x[i:i + batch_size]), device)
-        with _autocast(device):
+        xb = _prepare(norm(x[i:i + batch_size]))
+        with _autocast(device, bf16):
             logits = model(xb)
         loss_sum += F.cross_entropy(logits.float(), y[i:i + batch_size], reduction="sum")
         correct += (logits.argmax(1) == y[i:i + batch_size]).sum()
@@ -144,13 +145,32 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: Normalize
     return loss_sum.item() / n, correct.item() / n
 
 
-def _autocast(device: torch.device):
-    # bf16 autocast on CUDA only: CPU autocast slows these small convnets down.
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+def native_bf16(device: torch.device) -> bool:
+    """Whether this device computes bf16 in hardware (CUDA since Ampere; AVX512-BF16 or AMX CPUs).
+
+    Emulated bf16 is slower than fp32, so `precision = "auto"` only uses it where it is native.
+    The CPU checks are private torch helpers; a torch without them gets fp32.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return False
 
 
-def _prepare(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    return precision == "bf16" or (precision == "auto" and native_bf16(device))
+
+
+def _autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def _prepare(x: torch.Tensor) -> torch.Tensor:
+    # channels_last: oneDNN (CPU) and cuDNN both run these convs faster in NHWC
+    # (measured: fp32 NCHW -> NHWC, 2,734 -> 3,628 samples/s on a 2-core AVX-512 CPU, batch 32).
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def chance_level(y: torch.Tensor, num_classes: int) -> tuple[float, float]:
@@ -183,9 +203,10 @@ def fit(cfg: RunConfig, on_epoch: EpochHook | None = None, *, dataset=None,
     ds = data_mod.to_device(dataset if dataset is not None else data_mod.dataset_for(cfg), device)
     torch.manual_seed(cfg.seed)
     model = models.build_model(cfg, ds.in_shape, ds.num_classes).to(device)
+    model = model.to(memory_format=torch.channels_last)
     if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
+    bf16 = uses_bf16(cfg.precision, device)
     n_params = models.count_parameters(model)
 
     train_x, train_y = ds.train_x, ds.train_y
@@ -220,8 +241,8 @@ def fit(cfg: RunConfig, on_epoch: EpochHook | None = None, *, dataset=None,
                 xb = batch_flip(xb)
             if cfg.erasing:
                 xb = batch_erase(xb, cfg.erasing)
-            with _autocast(device):
-                logits = model(_prepare(xb, device))
+            with _autocast(device, bf16):
+                logits = model(_prepare(xb))
                 loss = criterion(logits.float(), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -239,7 +260,7 @@ def fit(cfg: RunConfig, on_epoch: EpochHook | None = None, *, dataset=None,
                    "lr": opt.param_groups[0]["lr"], "train_seconds": train_seconds,
                    "samples_per_s": seen / train_seconds}
         if has_val:
-            metrics["val_loss"], metrics["val_acc"] = evaluate(model, ds.val_x, ds.val_y, norm)
+            metrics["val_loss"], metrics["val_acc"] = evaluate(model, ds.val_x, ds.val_y, norm, bf16=bf16)
         metrics["seconds"] = time.perf_counter() - t0
         history.append(metrics)
 
@@ -257,7 +278,8 @@ def fit(cfg: RunConfig, on_epoch: EpochHook | None = None, *, dataset=None,
             on_epoch(epoch, metrics)
 
     result = FitResult(history=history, best_val_acc=max(best_acc, 0.0), best_epoch=best_epoch,
-                       stop_reason=reason, model=model, n_params=n_params, device=str(device))
+                       stop_reason=reason, model=model, n_params=n_params, device=str(device),
+                       precision="bf16" if bf16 else "fp32")
     if evaluate_test:
-        result.test_loss, result.test_acc = evaluate(model, ds.test_x, ds.test_y, norm)
+        result.test_loss, result.test_acc = evaluate(model, ds.test_x, ds.test_y, norm, bf16=bf16)
     return result
