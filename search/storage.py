@@ -7,6 +7,8 @@ unmasked: every message uses `mask_url`.
 
 from __future__ import annotations
 
+import copy
+import math
 import os
 import random
 import time
@@ -15,6 +17,7 @@ import warnings
 import optuna
 import sqlalchemy
 import sqlalchemy.exc
+from optuna.storages._cached_storage import _CachedStorage
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
@@ -22,6 +25,7 @@ DEFAULT_URL = "sqlite:///cnnsearch.db"
 HEARTBEAT_INTERVAL = 10  # seconds between a running trial's heartbeats
 GRACE_PERIOD = 60  # a RUNNING trial silent this long belongs to a dead worker
 RETRIES = 1  # a trial cut off by a dead worker, a signal or a database outage runs again once
+SYNC_SECONDS = 1.0  # a worker re-reads other workers' trials at most this often (see TrialCache)
 
 
 # Heartbeat and stale-trial retry have been "experimental" since Optuna 2.x; they are what
@@ -74,6 +78,57 @@ class _RDBStorage(optuna.storages.RDBStorage):
         except Exception as exc:  # noqa: BLE001 - the thread must live; connection errors only
             if connection_problem(exc) is None:
                 raise
+
+
+class TrialCache(_CachedStorage):
+    """Optuna's trial cache, re-read from the database at most every `sync_seconds`.
+
+    Optuna's cache re-reads every unfinished trial with all its rows (six queries) each time
+    anyone lists the trials: the pruner on every `should_prune`, the sampler on every `ask`. Here
+    a listing within `sync_seconds` of the last read is served from memory, so another worker's
+    progress may reach this one that much later; this worker's own state changes (tell, fail)
+    force the next listing to read, so a single worker always sees its own finished trials.
+    Every write goes to the database, and so does every read of one running trial, except the
+    first read of a trial this worker has just started (`ask` reads it back at once; it is
+    exactly what was inserted, since nobody else writes to a trial in its first minute).
+    """
+
+    def __init__(self, backend: optuna.storages.RDBStorage, sync_seconds: float = SYNC_SECONDS):
+        super().__init__(backend)
+        self.sync_seconds = sync_seconds
+        self._read_at: dict[int, float] = {}  # study id -> monotonic time of the last read
+        self._started: dict[int, optuna.trial.FrozenTrial] = {}  # trial id -> as inserted, until first read
+
+    @property
+    def engine(self) -> sqlalchemy.Engine:
+        return self._backend.engine
+
+    def _read_trials_from_remote_storage(self, study_id: int) -> None:
+        now = time.monotonic()
+        if now - self._read_at.get(study_id, -math.inf) < self.sync_seconds:
+            return
+        super()._read_trials_from_remote_storage(study_id)
+        self._read_at[study_id] = now
+
+    def create_new_trial(self, study_id: int, template_trial=None) -> int:
+        trial_id = super().create_new_trial(study_id, template_trial)
+        with self._lock:
+            _, number = self._trial_id_to_study_id_and_number[trial_id]
+            trial = self._studies[study_id].trials[number]
+            if trial.state == TrialState.RUNNING:  # a WAITING one (a retry) is for any worker to claim
+                self._started[trial_id] = trial
+        return trial_id
+
+    def get_trial(self, trial_id: int) -> optuna.trial.FrozenTrial:
+        with self._lock:
+            started = self._started.pop(trial_id, None)
+        return copy.deepcopy(started) if started is not None else super().get_trial(trial_id)
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
+        self._started.pop(trial_id, None)
+        updated = super().set_trial_state_values(trial_id, state, values)
+        self._read_at.clear()
+        return updated
 
 
 def connection_problem(exc: BaseException) -> str | None:
@@ -141,7 +196,7 @@ def _create_with_retry(url: str, heartbeat: dict, attempts: int = 6) -> optuna.s
 
 
 def open_storage(url: str | None = None, *, heartbeat_interval: int | None = HEARTBEAT_INTERVAL,
-                 grace_period: int | None = GRACE_PERIOD) -> optuna.storages.RDBStorage:
+                 grace_period: int | None = GRACE_PERIOD, sync_seconds: float | None = None) -> TrialCache:
     """Open (and create the tables of) the storage at `url`.
 
     Args:
@@ -149,6 +204,8 @@ def open_storage(url: str | None = None, *, heartbeat_interval: int | None = HEA
         heartbeat_interval: seconds between heartbeats of a running trial; None disables the
             heartbeat (read-only uses such as status and reports).
         grace_period: seconds after which a silent RUNNING trial is failed and retried once.
+        sync_seconds: how stale a trial listing may be (see TrialCache); None -> SYNC_SECONDS
+            for a worker (heartbeat on), 0 (always current) for readers such as status.
 
     Raises:
         StorageError: malformed URL, unknown driver, or a database that cannot be reached.
@@ -166,7 +223,9 @@ def open_storage(url: str | None = None, *, heartbeat_interval: int | None = HEA
                      "grace_period": grace_period or 3 * heartbeat_interval,
                      "heartbeat_stale_trial_callback": _retry_callback()}
     try:
-        return _create_with_retry(url, heartbeat)
+        if sync_seconds is None:
+            sync_seconds = SYNC_SECONDS if heartbeat_interval else 0.0
+        return TrialCache(_create_with_retry(url, heartbeat), sync_seconds)
     except sqlalchemy.exc.NoSuchModuleError:
         raise StorageError(f"storage {shown}: unknown database driver {parsed.drivername!r}") from None
     except ModuleNotFoundError as exc:

@@ -1,0 +1,59 @@
+"""search.storage.TrialCache: how stale a worker's view may be, and what is never stale."""
+
+from __future__ import annotations
+
+import optuna
+from optuna.trial import TrialState
+
+from search.storage import SYNC_SECONDS, TrialCache, open_storage
+
+
+def _studies(tmp_path, worker_sync: float):
+    url = f"sqlite:///{tmp_path / 'cache.db'}"
+    worker = open_storage(url, heartbeat_interval=None, sync_seconds=worker_sync)
+    other = open_storage(url, heartbeat_interval=None)
+    a = optuna.create_study(study_name="s", storage=worker, direction="maximize")
+    b = optuna.load_study(study_name="s", storage=other)
+    return a, b
+
+
+def test_defaults_workers_batch_reads_readers_see_everything(tmp_path):
+    url = f"sqlite:///{tmp_path / 'cache.db'}"
+    assert isinstance(open_storage(url), TrialCache)
+    assert open_storage(url).sync_seconds == SYNC_SECONDS  # heartbeat on: a worker
+    assert open_storage(url, heartbeat_interval=None).sync_seconds == 0.0  # status, report, dashboard
+
+
+def test_another_workers_trial_shows_after_the_window_not_before(tmp_path):
+    a, b = _studies(tmp_path, worker_sync=3600)
+    assert len(a.get_trials()) == 0  # the first listing reads
+    b.tell(b.ask(), 0.5)
+    assert len(a.get_trials()) == 0  # within the window: served from memory
+    a._storage.sync_seconds = 0.0
+    assert [t.state for t in a.get_trials()] == [TrialState.COMPLETE]
+
+
+def test_own_results_are_seen_at_once_whatever_the_window(tmp_path):
+    a, b = _studies(tmp_path, worker_sync=3600)
+    b.tell(b.ask(), 0.1)
+    a.get_trials()
+    mine = a.ask()
+    a.tell(mine, 0.9)  # our own state change forces the next listing to read
+    states = {t.number: (t.state, t.value) for t in a.get_trials()}
+    assert states == {0: (TrialState.COMPLETE, 0.1), 1: (TrialState.COMPLETE, 0.9)}
+    assert a.best_value == 0.9
+
+
+def test_a_started_trial_reads_back_exactly_as_the_database_has_it(tmp_path):
+    a, b = _studies(tmp_path, worker_sync=3600)
+    trial = a.ask()
+    served = trial._cached_frozen_trial  # what ask() read back (from memory)
+    stored = b._storage.get_trial(trial._trial_id)  # what the database holds
+    for field in ("number", "state", "params", "intermediate_values", "user_attrs", "system_attrs",
+                  "datetime_start"):
+        assert getattr(served, field) == getattr(stored, field), field
+    trial.report(0.3, 0)
+    # later reads of a running trial go to the database: another storage's write is visible
+    b._storage.set_trial_user_attr(trial._trial_id, "note", "from b")
+    assert a._storage.get_trial(trial._trial_id).user_attrs == {"note": "from b"}
+    assert a._storage.get_trial(trial._trial_id).intermediate_values == {0: 0.3}
