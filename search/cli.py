@@ -117,7 +117,7 @@ def train(
         if run["best_epoch"] is not None:
             out.print(f"{who}best val acc {run['best_val_acc']:.2%} (epoch {run['best_epoch'] + 1})")
         out.print(f"{who}test acc {run['test_acc']:.2%}  test loss {run['test_loss']:.4f}  "
-                  f"params {run['n_params']:,}  device {run['device']}")
+                  f"params {run['n_params']:,}  device {run['device']} ({run['precision']})")
     if result.test_std is not None:
         out.print(f"test acc {result.test_mean:.2%} ± {100 * result.test_std:.2f} points (mean ± std over "
                   f"{seeds} seeds); single-run differences below ~0.1 point on MNIST or ~0.2 on CIFAR-10 are noise")

@@ -64,7 +64,7 @@ def versions() -> dict[str, str | None]:
 def export_document(study, spec, trial, url: str | None = None) -> dict[str, Any]:
     """The export of one trial: {"format", "config", "provenance"}; `url` appears masked."""
     cfg = space.params_to_config(spec, trial.params)
-    keep = ("n_params", "best_epoch", "epoch_seconds", "train_seconds", "device", "stop_reason")
+    keep = ("n_params", "best_epoch", "epoch_seconds", "train_seconds", "device", "precision", "stop_reason")
     provenance = {
         "study": study.study_name, "trial": trial.number, "metric": spec.metric,
         "direction": spec.direction, "value": trial.value, "params": dict(trial.params),
@@ -170,7 +170,7 @@ def train_final(cfg: config.RunConfig, out_dir: str | Path, *, seeds: int = 1, f
         hook = (lambda e, m, s=seed: on_epoch(s, e, m)) if on_epoch else None
         result = engine.fit(cfg.replace(seed=seed), hook, dataset=ds, evaluate_test=True, full_train=full_train)
         runs.append({"seed": seed, "stop_reason": result.stop_reason, "n_params": result.n_params,
-                     "device": result.device, "best_val_acc": result.best_val_acc if result.best_epoch >= 0 else None,
+                     "device": result.device, "precision": result.precision, "best_val_acc": result.best_val_acc if result.best_epoch >= 0 else None,
                      "best_epoch": result.best_epoch if result.best_epoch >= 0 else None,
                      "final_val_acc": result.history[-1].get("val_acc") if result.history else None,
                      "test_acc": result.test_acc, "test_loss": result.test_loss,

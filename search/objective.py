@@ -52,8 +52,10 @@ def make_objective(spec, *, device: str = "auto",
             raise OverBudget(f"study budget of {spec.n_trials} trials already taken")
         params = space.suggest_params(trial, spec)
         cfg = space.params_to_config(spec, params).replace(device=device)
+        resolved = engine.resolve_device(device)
+        precision = "bf16" if engine.uses_bf16(cfg.precision, resolved) else "fp32"
         for key, value in (("host", socket.gethostname()), ("pid", os.getpid()),
-                           ("device", str(engine.resolve_device(device)))):
+                           ("device", str(resolved)), ("precision", precision)):
             trial.set_user_attr(key, value)
         epoch_seconds: list[float] = []
 

@@ -22,6 +22,7 @@ def test_unknown_key_is_named():
     ("flip", 1, "flip: expected bool"),
     ("optimizer", "lbfgs", "optimizer: expected one of"),
     ("scheduler", "plateau", "scheduler: expected one of"),
+    ("precision", "fp16", "precision: expected one of"),
     ("lr", 0, "lr: must be > 0"),
     ("erasing", 1.5, "erasing: must be between 0 and 1"),
     ("val_fraction", 1.0, "val_fraction: must be in [0, 1)"),

@@ -35,6 +35,20 @@ def test_same_seed_same_result_on_cpu():
     assert [h["train_loss"] for h in a.history] != [h["train_loss"] for h in c.history]
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_both_precisions_learn_and_say_which_they_used(precision):
+    result = engine.fit(synth_cfg(precision=precision), evaluate_test=True)
+    assert result.precision == precision
+    assert result.best_val_acc >= 0.9 and result.test_acc >= 0.9
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it():
+    cpu = torch.device("cpu")
+    assert engine.uses_bf16("auto", cpu) == engine.native_bf16(cpu)
+    assert engine.uses_bf16("bf16", cpu) and not engine.uses_bf16("fp32", cpu)
+    assert engine.fit(synth_cfg(epochs=1)).precision == ("bf16" if engine.native_bf16(cpu) else "fp32")
+
+
 def test_nan_loss_stops_with_reason_instead_of_raising():
     result = engine.fit(synth_cfg(optimizer="sgd", lr=1e12, epochs=6))
     assert result.stop_reason.startswith("diverged:")

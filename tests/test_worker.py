@@ -56,7 +56,7 @@ def test_trials_record_what_happened(tmp_path):
     assert stuck.state == optuna.trial.TrialState.PRUNED
     assert stuck.user_attrs["stop_reason"].startswith("diverged: validation accuracy")
     for t in study.trials:
-        assert {"host", "device", "n_params", "epoch_seconds", "stop_reason"} <= set(t.user_attrs)
+        assert {"host", "device", "precision", "n_params", "epoch_seconds", "stop_reason"} <= set(t.user_attrs)
         assert t.user_attrs["device"] == "cpu" and t.user_attrs["n_params"] > 0
         assert min(t.intermediate_values) == 0  # reports start at step 0
 
