@@ -14,7 +14,7 @@ import optuna
 
 import search
 from search import spec as spec_mod
-from search.storage import open_storage
+from search.storage import open_storage, trials_by_state, trials_in_state
 
 SPEC_ATTR = "cnnsearch_spec"
 
@@ -117,16 +117,13 @@ def list_studies(url: str | None = None) -> list[dict]:
 def summary(name: str, url: str | None = None) -> dict:
     """Counts by state, the best trial, and the running trials with host, device and age."""
     study, spec = load(name, url, heartbeat_interval=None)
-    trials = study.get_trials(deepcopy=False)
-    counts: dict[str, int] = {}
-    for t in trials:
-        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    counts = trials_by_state(study)
     now = datetime.now()
     running = [{"number": t.number, "host": t.user_attrs.get("host", "?"),
                 "device": t.user_attrs.get("device", "?"),
                 "age_s": (now - t.datetime_start).total_seconds() if t.datetime_start else None,
                 "epochs": len(t.intermediate_values)}
-               for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+               for t in trials_in_state(study, optuna.trial.TrialState.RUNNING)]
     best = _best_or_none(study)
     return {"name": name, "spec": spec, "counts": counts, "finished": counts.get("COMPLETE", 0)
             + counts.get("PRUNED", 0), "budget": spec.n_trials, "running": running,

@@ -37,6 +37,22 @@ def test_end_to_end_on_sqlite_through_the_cli(tmp_path, monkeypatch):
     assert runner.invoke(app, ["status", "tiny"]).exit_code == 1
 
 
+def test_status_counts_by_state_and_lists_running_trials(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = study_mod.create(spec_mod.load_spec(tiny_study(tmp_path, n_trials=9)), url).study
+    for value in (0.4, 0.7):
+        study.tell(study.ask(), value)
+    study.tell(study.ask(), state=optuna.trial.TrialState.PRUNED)
+    running = study.ask()
+    running.set_user_attr("host", "node-3")
+    running.set_user_attr("device", "cuda:1")
+    running.report(0.5, 0)
+    info = study_mod.summary("tiny", url)
+    assert info["counts"] == {"COMPLETE": 2, "PRUNED": 1, "RUNNING": 1} and info["finished"] == 3
+    assert info["best"]["number"] == 1 and info["best"]["value"] == 0.7
+    assert [(r["number"], r["host"], r["device"], r["epochs"]) for r in info["running"]] == [(3, "node-3", "cuda:1", 1)]
+
+
 def test_budget_is_the_studys_not_each_workers(tmp_path):
     url = f"sqlite:///{tmp_path}/s.db"
     study_mod.create(spec_mod.load_spec(tiny_study(tmp_path, n_trials=3, epochs=1)), url)
