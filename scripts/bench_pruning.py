@@ -119,14 +119,14 @@ def main() -> None:
     parser.add_argument("--subset", type=int, default=None, help="training images to keep (val split unaffected)")
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--trials", type=int, default=30, help="trials per pruner (the same for all three)")
-    parser.add_argument("--epochs", type=int, default=9,
-                        help="epochs of an unpruned trial, also Hyperband's max_resource (9 = 3^2: with min_resource 1 "
-                             "and reduction_factor 3 no rung falls on the last epoch)")
+    parser.add_argument("--epochs", type=int, default=16,
+                        help="epochs of an unpruned trial, also Hyperband's max_resource (16 = 4^2: with min_resource 1 "
+                             "and reduction_factor 4 the rungs fall on epochs 1, 4 and 16)")
     parser.add_argument("--seed", type=int, default=0, help="sampler seed, the same for all three runs")
     parser.add_argument("--median-startup", type=int, default=5, help="MedianPruner n_startup_trials")
     parser.add_argument("--median-warmup", type=int, default=2, help="MedianPruner n_warmup_steps")
     parser.add_argument("--min-resource", type=int, default=1, help="HyperbandPruner min_resource (epochs)")
-    parser.add_argument("--reduction-factor", type=int, default=3, help="HyperbandPruner reduction_factor")
+    parser.add_argument("--reduction-factor", type=int, default=4, help="HyperbandPruner reduction_factor")
     parser.add_argument("--pruners", default="none,median,hyperband",
                         help="comma-separated subset of none, median, hyperband; none is the baseline")
     parser.add_argument("--device", default="cpu")

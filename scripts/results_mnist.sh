@@ -20,5 +20,5 @@ for family in ${FAMILIES:-pooling adaptive convfc}; do
         --device cpu --quiet --set "study.name=$name" --set study.n_trials=6 \
         --set data.subset=5000 --set fixed.epochs=3 --set "data.data_dir=$mnist"
     $cnnsearch export "$name" --storage "$storage" -o "$out/$name.json"
-    /usr/bin/time -f "final wall %e s" $cnnsearch train "$out/$name.json" --epochs 10 --seeds 3 --device cpu --out "$out/$name"
+    /usr/bin/time -f "final wall %e s" $cnnsearch train "$out/$name.json" --set subset=null --epochs 10 --seeds 3 --device cpu --out "$out/$name"
 done
