@@ -10,7 +10,9 @@ and queues it again once; the worker reconnects for a bounded time (docs/reliabi
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -61,6 +63,28 @@ def _deadline(study: optuna.Study, timeout: float | None) -> float | None:
     elapsed = (datetime.now(timezone.utc) - datetime.fromisoformat(started)).total_seconds()
     return time.monotonic() + timeout - elapsed
 
+
+class _OverBudgetLog(logging.Filter):
+    """A trial over budget is a race lost at the end of a study, not an error: Optuna's warning
+    with a traceback (and its 'failed with value None' line) becomes one info line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numbers: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        number = re.match(r"Trial (\d+) failed with", str(record.msg))
+        if isinstance(exc, OverBudget) and number:
+            self.numbers.add(number.group(1))
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                f"Trial {number.group(1)} not run: {exc}", (), None, None)
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            return True
+        return not (number and number.group(1) in self.numbers and "failed with value" in str(record.msg))
+
+
+logging.getLogger("optuna.study._optimize").addFilter(_OverBudgetLog())
 
 _DATABASE_MODULES = ("sqlalchemy.", "optuna.storages.", "psycopg.", "sqlite3.")
 _pending: list[int] = []  # a signal waiting for the main thread to leave a database call

@@ -115,3 +115,22 @@ def test_three_worker_processes_share_one_budget_on_postgres(tmp_path, pg_url):
     assert sorted(t.params["lr"] for t in enqueued) == [1e-6, 1e-3]
     assert count.get("PRUNED", 0) >= 1
     assert len({t.user_attrs.get("pid") for t in trials}) >= 2  # the work really was shared
+
+
+def test_a_trial_over_budget_logs_one_info_line_not_a_traceback(caplog):
+    from search.objective import OverBudget
+
+    def objective(trial):
+        raise OverBudget("study budget of 3 trials already taken")
+
+    optuna.logging.enable_propagation()
+    try:
+        with caplog.at_level("INFO", logger="optuna"):
+            optuna.create_study().optimize(objective, n_trials=1, catch=(OverBudget,))
+    finally:
+        optuna.logging.disable_propagation()
+    records = [r for r in caplog.records if r.name == "optuna.study._optimize"]
+    # (pytest may hand the same record over twice while propagation is on: compare as a set)
+    assert {(r.levelname, r.getMessage()) for r in records} == {
+        ("INFO", "Trial 0 not run: study budget of 3 trials already taken")}
+    assert all(r.exc_info is None for r in records)
