@@ -87,7 +87,7 @@ class TrialCache(_CachedStorage):
     anyone lists the trials: the pruner on every `should_prune`, the sampler on every `ask`. Here
     a listing within `sync_seconds` of the last read is served from memory, so another worker's
     progress may reach this one that much later; this worker's own state changes (tell, fail)
-    force the next listing to read, so a single worker always sees its own finished trials.
+    re-read at once, so a single worker always sees its own finished trials.
     Every write goes to the database, and so does every read of one running trial, except the
     first read of a trial this worker has just started (`ask` reads it back at once; it is
     exactly what was inserted, since nobody else writes to a trial in its first minute).
@@ -128,6 +128,10 @@ class TrialCache(_CachedStorage):
         self._started.pop(trial_id, None)
         updated = super().set_trial_state_values(trial_id, state, values)
         self._read_at.clear()
+        if updated and state.is_finished() and trial_id in self._trial_id_to_study_id_and_number:
+            # Re-read now: `tell` reads the finished trial back at once (then from memory), and
+            # the next `ask` lists the study within the window.
+            self._read_trials_from_remote_storage(self._trial_id_to_study_id_and_number[trial_id][0])
         return updated
 
 
