@@ -18,6 +18,7 @@ import optuna
 import sqlalchemy
 import sqlalchemy.exc
 from optuna.storages._cached_storage import _CachedStorage
+from optuna.storages._rdb import models as rdb_models
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
@@ -71,6 +72,30 @@ class _RDBStorage(optuna.storages.RDBStorage):
         if updated and state == TrialState.RUNNING and self.heartbeat_interval:
             self.record_heartbeat(trial_id)  # a WAITING trial (enqueued, or a retry) just claimed
         return updated
+
+    def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
+        """A report in one statement: insert the value if the trial is RUNNING. Optuna's own path
+        (three statements in an ORM session, ~3.6 ms against ~1 ms) takes every other case: a
+        step reported again, a finished or unknown trial (its errors), a race."""
+        model = rdb_models.TrialIntermediateValueModel
+        values, trials = model.__table__, rdb_models.TrialModel.__table__
+        stored, kind = model.intermediate_value_to_stored_repr(intermediate_value)
+        row = sqlalchemy.select(
+            sqlalchemy.literal(trial_id, values.c.trial_id.type), sqlalchemy.literal(step, values.c.step.type),
+            sqlalchemy.literal(stored, values.c.intermediate_value.type),
+            sqlalchemy.literal(kind, values.c.intermediate_value_type.type),
+        ).where((trials.c.trial_id == trial_id) & (trials.c.state == TrialState.RUNNING))
+        insert = values.insert().from_select(
+            ["trial_id", "step", "intermediate_value", "intermediate_value_type"], row,
+        ).returning(values.c.step)  # rowcount is not reliable for INSERT ... SELECT; RETURNING is
+        if self.engine.dialect.insert_returning:  # PostgreSQL, SQLite; not MySQL
+            try:
+                with self.engine.begin() as conn:
+                    if conn.execute(insert).first() is not None:
+                        return
+            except sqlalchemy.exc.IntegrityError:
+                pass  # this step has a value already: Optuna's path overwrites it
+        super().set_trial_intermediate_value(trial_id, step, intermediate_value)
 
     def record_heartbeat(self, trial_id: int) -> None:
         try:

@@ -1,11 +1,17 @@
-"""search.storage.TrialCache: how stale a worker's view may be, and what is never stale."""
+"""search.storage's shortcuts around Optuna's RDB storage: TrialCache (how stale a worker's view
+may be, and what is never stale) and the one-statement report (same semantics as Optuna's)."""
 
 from __future__ import annotations
 
+import math
+
 import optuna
+import pytest
+import sqlalchemy
 from optuna.trial import TrialState
 
 from search.storage import SYNC_SECONDS, TrialCache, open_storage
+from studykit import pg_url  # noqa: F401 (fixture)
 
 
 def _studies(tmp_path, worker_sync: float):
@@ -57,3 +63,25 @@ def test_a_started_trial_reads_back_exactly_as_the_database_has_it(tmp_path):
     b._storage.set_trial_user_attr(trial._trial_id, "note", "from b")
     assert a._storage.get_trial(trial._trial_id).user_attrs == {"note": "from b"}
     assert a._storage.get_trial(trial._trial_id).intermediate_values == {0: 0.3}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_reports_keep_optunas_semantics(tmp_path, backend, request):
+    url = f"sqlite:///{tmp_path / 'r.db'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
+    study = optuna.create_study(study_name="r", storage=open_storage(url, heartbeat_interval=None))
+    storage = study._storage._backend  # the RDB storage, below Optuna's cache
+    trial = study.ask()
+    for step, value in ((0, 0.5), (1, math.nan), (2, math.inf), (3, -math.inf), (0, 0.25)):  # step 0 again
+        storage.set_trial_intermediate_value(trial._trial_id, step, value)
+    got = storage.get_trial(trial._trial_id).intermediate_values
+    assert got[0] == 0.25 and math.isnan(got[1]) and got[2] == math.inf and got[3] == -math.inf
+    statements: list[str] = []
+    sqlalchemy.event.listen(storage.engine, "before_cursor_execute",
+                            lambda conn, cursor, statement, *rest: statements.append(statement))
+    storage.set_trial_intermediate_value(trial._trial_id, 4, 0.75)  # the usual case: a new step
+    assert len(statements) == 1 and statements[0].startswith("INSERT"), statements
+    study.tell(trial, 1.0)
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        storage.set_trial_intermediate_value(trial._trial_id, 5, 0.1)
+    with pytest.raises(KeyError):
+        storage.set_trial_intermediate_value(10 ** 8, 0, 0.1)
