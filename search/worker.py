@@ -337,10 +337,12 @@ def launch(name: str, url: str | None, slots: list[Slot], *, worker_args: Sequen
     procs = []
     for k, slot in enumerate(slots):
         slot.log.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "search.cli", "worker", name, "--storage", url,
+        # The URL goes in the environment, not argv: `ps` shows every user a command line.
+        cmd = [sys.executable, "-m", "search.cli", "worker", name,
                "--device", slot.device, "--quiet", "--seed-offset", str(k), *worker_args]
         log = open(slot.log, "ab")
-        procs.append(subprocess.Popen(cmd, env={**os.environ, **slot.env}, stdout=log,
+        env = {**os.environ, **slot.env, "CNNSEARCH_STORAGE": url}
+        procs.append(subprocess.Popen(cmd, env=env, stdout=log,
                                       stderr=subprocess.STDOUT, start_new_session=True))
         log.close()
         if on_start:

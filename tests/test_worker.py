@@ -6,7 +6,7 @@ from search import spec as spec_mod
 from search import study as study_mod
 from search.cli import app
 from search.storage import open_storage
-from search.worker import plan_slots, run_worker, visible_gpus
+from search.worker import launch, plan_slots, run_worker, visible_gpus
 from studykit import pg_url, start_worker, tiny_study  # noqa: F401 (fixture)
 
 runner = CliRunner()
@@ -92,6 +92,23 @@ def test_cpu_slots_split_the_cores(tmp_path, monkeypatch):
     assert len({s.log for s in slots}) == 4 and all(s.device == "cpu" for s in slots)
     with pytest.raises(ValueError, match="--gpus"):
         visible_gpus("zero,one")
+
+
+def test_launch_keeps_the_storage_url_off_the_workers_command_lines(tmp_path):
+    """`ps` shows every user each process's argv; a PostgreSQL URL there would show its password."""
+    url = f"sqlite:///{tmp_path}/launched.db"
+    study_mod.create(spec_mod.load_spec(tiny_study(tmp_path, n_trials=2, epochs=1)), url)
+    argv = []
+
+    def read_argv(k, slot, pid):  # Popen returns after the exec, so this is the worker's own argv
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv.append(f.read().decode().split("\0"))
+
+    codes = launch("tiny", url, plan_slots(None, 1, 2, tmp_path / "logs"), on_start=read_argv)
+    assert codes == [0, 0]
+    assert len(argv) == 2 and all("worker" in a and not any("launched.db" in part for part in a) for a in argv), argv
+    study = optuna.load_study(study_name="tiny", storage=open_storage(url, heartbeat_interval=None))
+    assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))) == 2
 
 
 @pytest.mark.postgres
