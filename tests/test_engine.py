@@ -42,6 +42,31 @@ def test_both_precisions_learn_and_say_which_they_used(precision):
     assert result.best_val_acc >= 0.9 and result.test_acc >= 0.9
 
 
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                          reason="needs a CUDA device")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_convs_run_in_the_reported_precision_on_channels_last_tensors(device, precision, dtype):
+    """Not just the label: every conv, in training and evaluation, computes in that dtype on NHWC input."""
+    seen = set()
+
+    def record(module, args, output):
+        if isinstance(module, torch.nn.Conv2d):
+            seen.add((output.dtype, args[0].is_contiguous(memory_format=torch.channels_last), output.device.type))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        rgb = {**SYNTH, "channels": 3}  # a 1-channel NCHW tensor is NHWC-contiguous too: it would prove nothing
+        result = engine.fit(synth_cfg(precision=precision, device=device, data_options=rgb), evaluate_test=True)
+    finally:
+        handle.remove()
+    assert result.precision == precision and result.device.startswith(device)
+    assert seen == {(dtype, True, device)}
+    assert result.best_val_acc >= 0.9
+
+
 def test_auto_precision_is_bf16_only_where_the_hardware_has_it():
     cpu = torch.device("cpu")
     assert engine.uses_bf16("auto", cpu) == engine.native_bf16(cpu)

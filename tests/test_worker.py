@@ -1,5 +1,6 @@
 import optuna
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from search import spec as spec_mod
@@ -109,6 +110,22 @@ def test_launch_keeps_the_storage_url_off_the_workers_command_lines(tmp_path):
     assert len(argv) == 2 and all("worker" in a and not any("launched.db" in part for part in a) for a in argv), argv
     study = optuna.load_study(study_name="tiny", storage=open_storage(url, heartbeat_interval=None))
     assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_launch_runs_two_workers_on_one_gpu(tmp_path):
+    url = f"sqlite:///{tmp_path}/gpu.db"
+    study_mod.create(spec_mod.load_spec(tiny_study(tmp_path, n_trials=20, epochs=4)), url)
+    slots = plan_slots("0", 2, None, tmp_path / "logs")
+    assert [(s.device, s.env["CUDA_VISIBLE_DEVICES"]) for s in slots] == [("cuda:0", "0")] * 2
+    assert launch("tiny", url, slots) == [0, 0]
+    study = optuna.load_study(study_name="tiny", storage=open_storage(url, heartbeat_interval=None))
+    finished = study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+    assert len(finished) == 20
+    assert {t.user_attrs["device"] for t in finished} == {"cuda:0"}
+    assert len({t.user_attrs["pid"] for t in finished}) == 2  # both workers trained on the one GPU
+    assert {t.user_attrs["precision"] for t in finished} == {"bf16" if torch.cuda.is_bf16_supported() else "fp32"}
 
 
 @pytest.mark.postgres
