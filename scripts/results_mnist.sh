@@ -3,8 +3,9 @@
 # exported winner of each trained on the 54,000 training images (the validation split stays
 # out) over 3 seeds.
 #   scripts/results_mnist.sh [MNIST_DIR] [OUT_DIR]
-# A CPU budget that fits one 2-core session (overrides of the shipped file, nothing else
-# changed): 12 trials (the study's 2 enqueued starts, 6 random ones, then TPE), a 10,000-image
+# A CPU budget (overrides of the shipped file, nothing else changed; measured 2026-12-01: about
+# 2.5 hours on 2 cores as two chains side by side, conv+fc's final training the longest at 73
+# min): 12 trials (the study's 2 enqueued starts, 6 random ones, then TPE), a 10,000-image
 # training subset, 4 epochs a trial, scored on the full 6,000-image validation split, the
 # shipped MedianPruner; final training of the exported winner: all 54,000 training images,
 # 12 epochs, seeds 0-2, the 10,000-image test split read once per seed. With a GPU, drop the
