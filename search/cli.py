@@ -87,6 +87,8 @@ def train(
                                                     "curves.png (default runs/<config stem>-<time>).")] = None,
     onnx: Annotated[bool, typer.Option("--onnx", help="Also write model.onnx, checked against PyTorch "
                                        "(needs onnx and onnxruntime).")] = False,
+    no_test: Annotated[bool, typer.Option("--no-test", help="Do not read the test split: compare finalists "
+                                          "on validation, then test only the one chosen.")] = False,
 ) -> None:
     """Train one configuration and report validation and test accuracy (the test set is read once, at the end)."""
     from search import config
@@ -108,7 +110,8 @@ def train(
             out.print(f"seed {seed}")
         out.print(_epoch_line(epoch, cfg.epochs, m))
 
-    result = export_mod.train_final(cfg, out_dir, seeds=seeds, full_train=full_train, onnx=onnx, on_epoch=on_epoch)
+    result = export_mod.train_final(cfg, out_dir, seeds=seeds, full_train=full_train, onnx=onnx,
+                                    test=not no_test, on_epoch=on_epoch)
     for run in result.runs:
         who = f"seed {run['seed']}: " if seeds > 1 else ""
         if run["stop_reason"] != "finished":
@@ -116,8 +119,10 @@ def train(
             out.print(f"{who}stopped: {run['stop_reason']}")
         if run["best_epoch"] is not None:
             out.print(f"{who}best val acc {run['best_val_acc']:.2%} (epoch {run['best_epoch'] + 1})")
-        out.print(f"{who}test acc {run['test_acc']:.2%}  test loss {run['test_loss']:.4f}  "
-                  f"params {run['n_params']:,}  device {run['device']} ({run['precision']})")
+        if run["final_val_acc"] is not None:
+            out.print(f"{who}last-epoch val acc {run['final_val_acc']:.2%}")
+        tested = f"test acc {run['test_acc']:.2%}  test loss {run['test_loss']:.4f}  " if not no_test else ""
+        out.print(f"{who}{tested}params {run['n_params']:,}  device {run['device']} ({run['precision']})")
     if result.test_std is not None:
         out.print(f"test acc {result.test_mean:.2%} ± {100 * result.test_std:.2f} points (mean ± std over "
                   f"{seeds} seeds); single-run differences below ~0.1 point on MNIST or ~0.2 on CIFAR-10 are noise")
@@ -373,12 +378,15 @@ def export_(
     name: Annotated[str, typer.Argument(help="Study name.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The file to write.")] = Path("best.json"),
     trial: Annotated[Optional[int], typer.Option(help="Export this completed trial instead of the best.")] = None,
+    rank: Annotated[int, typer.Option(min=1, help="Export the N-th best completed trial (finalists).")] = 1,
     storage: StorageOpt = None,
 ) -> None:
     """Write the best trial's config as a self-contained file that `cnnsearch train` accepts."""
     from search import export as export_mod
 
-    doc = export_mod.export_best(name, output, storage, trial)
+    if trial is not None and rank != 1:
+        raise UserError("give --trial or --rank, not both")
+    doc = export_mod.export_best(name, output, storage, trial, rank)
     prov = doc["provenance"]
     out.print(f"wrote {output}: study {name!r} trial {prov['trial']}, {prov['metric']} {prov['value']:.4f}", markup=False)
     out.print(f"  params: {_fmt_params(prov['params'])}", markup=False)

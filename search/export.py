@@ -110,13 +110,14 @@ def _write_json(path: str | Path, doc: Any) -> Path:
     return write_atomic(path, lambda f: f.write((json.dumps(_finite(doc), indent=2) + "\n").encode()))
 
 
-def export_best(name: str, path: str | Path, url: str | None = None, number: int | None = None) -> dict:
-    """Write the best (or trial `number`'s) config of study `name` to `path`; returns the document.
+def export_best(name: str, path: str | Path, url: str | None = None, number: int | None = None,
+                rank: int = 1) -> dict:
+    """Write the best (the `rank`-th best, or trial `number`'s) config of study `name` to `path`.
 
     Raises:
         search.study.StudyError: no such study, or no finished (completed) trial.
     """
-    study, spec, trial = study_mod.best_trial(name, url, number)
+    study, spec, trial = study_mod.best_trial(name, url, number, rank)
     doc = export_document(study, spec, trial, url)
     _write_json(path, doc)
     return doc
@@ -134,13 +135,14 @@ def _require_onnx() -> None:
 class FinalResult:
     out_dir: Path
     runs: list[dict]  # per seed: seed, history, best_val_acc, test_acc, seconds, ...
-    test_mean: float
+    test_mean: float | None  # None when the test split was not read
     test_std: float | None  # sample standard deviation; None for one seed
     files: list[Path]
 
 
 def train_final(cfg: config.RunConfig, out_dir: str | Path, *, seeds: int = 1, full_train: bool = False,
-                onnx: bool = False, on_epoch: Callable[[int, int, dict], None] | None = None) -> FinalResult:
+                onnx: bool = False, test: bool = True,
+                on_epoch: Callable[[int, int, dict], None] | None = None) -> FinalResult:
     """Final training: `seeds` runs (cfg.seed, cfg.seed + 1, ...), each testing once at its end.
 
     Args:
@@ -149,11 +151,15 @@ def train_final(cfg: config.RunConfig, out_dir: str | Path, *, seeds: int = 1, f
             curves.png and, with `onnx`, model.onnx.
         seeds: number of runs; test accuracy is reported as mean and standard deviation.
         full_train: train on train + validation (no validation metrics then).
-        onnx: also write model.onnx and check it against PyTorch on a test batch.
+        onnx: also write model.onnx and check it against PyTorch on a batch of training images.
+        test: evaluate the test split; False for finalists compared on validation (test_mean
+            and test_std are then None).
         on_epoch: progress hook, called as on_epoch(seed, epoch, metrics).
     """
     if seeds < 1:
         raise ExportError(f"--seeds: must be at least 1, got {seeds}")
+    if not test and full_train:
+        raise ExportError("--no-test with --full-train leaves nothing to measure: no validation, no test")
     if onnx:
         _require_onnx()
     ds = data.dataset_for(cfg)  # data, device and model errors first: they leave no empty folder
@@ -168,7 +174,7 @@ def train_final(cfg: config.RunConfig, out_dir: str | Path, *, seeds: int = 1, f
     for seed in range(cfg.seed, cfg.seed + seeds):
         started = time.perf_counter()
         hook = (lambda e, m, s=seed: on_epoch(s, e, m)) if on_epoch else None
-        result = engine.fit(cfg.replace(seed=seed), hook, dataset=ds, evaluate_test=True, full_train=full_train)
+        result = engine.fit(cfg.replace(seed=seed), hook, dataset=ds, evaluate_test=test, full_train=full_train)
         runs.append({"seed": seed, "stop_reason": result.stop_reason, "n_params": result.n_params,
                      "device": result.device, "precision": result.precision, "best_val_acc": result.best_val_acc if result.best_epoch >= 0 else None,
                      "best_epoch": result.best_epoch if result.best_epoch >= 0 else None,
@@ -177,17 +183,18 @@ def train_final(cfg: config.RunConfig, out_dir: str | Path, *, seeds: int = 1, f
                      "seconds": round(time.perf_counter() - started, 3), "history": result.history})
         if first_model is None:
             first_model = result.model
-    tests = [r["test_acc"] for r in runs]
+    tests = [r["test_acc"] for r in runs] if test else []
+    mean = statistics.fmean(tests) if tests else None
     std = statistics.stdev(tests) if len(tests) > 1 else None
     files = [save_checkpoint(out / "model.pt", first_model, cfg, ds)]
     if onnx:
         files.append(export_onnx(first_model, out / "model.onnx", ds))
     files.append(_write_json(out / "metrics.json", {
         "config": config.to_dict(cfg), "full_train": full_train, "seeds": [r["seed"] for r in runs],
-        "test_acc_mean": statistics.fmean(tests), "test_acc_std": std, "classes": list(ds.classes),
+        "tested": test, "test_acc_mean": mean, "test_acc_std": std, "classes": list(ds.classes),
         "versions": versions(), "runs": runs}))
     files.append(plot_curves(runs, out / "curves.png"))
-    return FinalResult(out, runs, statistics.fmean(tests), std, files)
+    return FinalResult(out, runs, mean, std, files)
 
 
 def plot_curves(runs: list[dict], path: Path) -> Path:
@@ -223,13 +230,13 @@ def save_checkpoint(path: Path, model: torch.nn.Module, cfg: config.RunConfig, d
 
 
 def export_onnx(model: torch.nn.Module, path: Path, ds, atol: float = 1e-4) -> Path:
-    """model.onnx with a dynamic batch size, checked against PyTorch on up to 64 test images."""
+    """model.onnx with a dynamic batch size, checked against PyTorch on up to 64 training images."""
     import inspect
 
     import onnxruntime
 
     model = model.float().to("cpu", memory_format=torch.contiguous_format).eval()
-    x = engine.Normalizer(ds.mean, ds.std, torch.device("cpu"))(ds.test_x[:64].cpu())
+    x = engine.Normalizer(ds.mean, ds.std, torch.device("cpu"))(ds.train_x[:64].cpu())
     # The TorchScript exporter needs only `onnx`; the newer dynamo exporter also wants onnxscript
     # and takes ~20 s for a small convnet, so ask for the old one where the keyword exists.
     legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}

@@ -50,11 +50,6 @@ def _seeded_sample(items: list, k: int) -> list:
     return items if len(items) <= k else random.Random(0).sample(items, k)
 
 
-def _ranked(trials: list, direction: str) -> list:
-    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-    return sorted(done, key=lambda t: t.value, reverse=direction == "maximize")
-
-
 class _ReadOnlyStorage(optuna.storages.InMemoryStorage):
     """Plots only read trials: skip the deep copy of every trial the base class makes per read."""
 
@@ -164,7 +159,7 @@ def build_report(study: optuna.Study, spec, *, url: str | None = None, top: int 
     from optuna import visualization as vis
 
     trials = study.get_trials(deepcopy=False)
-    ranked = _ranked(trials, spec.direction)
+    ranked = study_mod.ranked(trials, spec.direction)
     best = ranked[0] if ranked else None
     view = _view(trials, spec.direction)
     with_curves = [t for t in trials if t.intermediate_values]

@@ -138,14 +138,25 @@ def _best_or_none(study: optuna.Study):
         return None
 
 
-def best_trial(name: str, url: str | None = None, number: int | None = None):
-    """(study, spec, trial): the best finished trial, or trial `number` if it completed."""
+def ranked(trials, direction: str) -> list:
+    """The completed trials, best first (ties keep trial order)."""
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
+    return sorted(done, key=lambda t: t.value, reverse=direction == "maximize")
+
+
+def best_trial(name: str, url: str | None = None, number: int | None = None, rank: int = 1):
+    """(study, spec, trial): the best completed trial (the `rank`-th best), or trial `number`."""
     study, spec = load(name, url, heartbeat_interval=None)
-    if number is None:
+    if number is None and rank == 1:
         trial = _best_or_none(study)
         if trial is None:
             raise StudyError(f"study {name!r} has no finished trial yet")
         return study, spec, trial
+    if number is None:
+        done = ranked(study.get_trials(deepcopy=False), spec.direction)
+        if rank < 1 or rank > len(done):
+            raise StudyError(f"--rank {rank}: study {name!r} has {len(done)} completed trials")
+        return study, spec, done[rank - 1]
     matches = [t for t in study.get_trials(deepcopy=False) if t.number == number]
     if not matches or matches[0].state != optuna.trial.TrialState.COMPLETE:
         raise StudyError(f"study {name!r} has no completed trial number {number}")

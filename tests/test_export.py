@@ -114,6 +114,51 @@ def test_seeds_report_mean_and_std_and_full_train_drops_validation(workdir, expo
     assert all(r["best_val_acc"] is None for r in metrics["runs"]) and metrics["test_acc_std"] is not None
 
 
+def test_export_rank_takes_the_next_best_completed_trial(workdir):
+    folder, url = workdir
+    first, second = folder / "rank1.json", folder / "rank2.json"
+    for rank, path in ((1, first), (2, second)):
+        result = invoke("export", "tiny", "--rank", rank, "-o", path, "--storage", url)
+        assert result.exit_code == 0, result.output
+    one, two = (json.loads(p.read_text())["provenance"] for p in (first, second))
+    assert one["trial"] == study_mod.best_trial("tiny", url)[2].number and one["trial"] != two["trial"]
+    assert one["value"] >= two["value"]
+    assert_one_line_error(invoke("export", "tiny", "--rank", 3, "-o", folder / "r3.json", "--storage", url),
+                          "has 2 completed trials")
+    assert_one_line_error(invoke("export", "tiny", "--rank", 2, "--trial", 0, "--storage", url),
+                          "--trial or --rank")
+    assert not (folder / "r3.json").exists()
+
+
+def test_no_test_trains_without_reading_the_test_split(workdir, exported, monkeypatch):
+    from search import engine
+
+    folder, _ = workdir
+    sizes = []
+    real = engine.evaluate
+
+    def counting(model, x, y, *args, **kwargs):
+        sizes.append(len(y))
+        return real(model, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "evaluate", counting)
+    ds = data.dataset_for(config.load(exported))
+    result = invoke("train", exported, "--epochs", 2, "--no-test", "--out", folder / "finalist")
+    assert result.exit_code == 0, result.output
+    assert sizes == [len(ds.val_y)] * 2  # one validation pass an epoch, nothing else
+    assert "last-epoch val acc" in result.stdout and "test acc" not in result.stdout
+    metrics = json.loads((folder / "finalist" / "metrics.json").read_text())
+    (run,) = metrics["runs"]
+    assert metrics["tested"] is False and metrics["test_acc_mean"] is None and run["test_acc"] is None
+    assert run["final_val_acc"] == run["history"][-1]["val_acc"]
+    sizes.clear()
+    assert invoke("train", exported, "--epochs", 1, "--out", folder / "tested").exit_code == 0
+    assert sizes == [len(ds.val_y), len(ds.test_y)]  # the control: without --no-test the test split is read
+    assert_one_line_error(invoke("train", exported, "--no-test", "--full-train", "--out", folder / "none"),
+                          "nothing to measure")
+    assert not (folder / "none").exists()
+
+
 def test_predict_classifies_pngs_as_the_dataset_would(trained, tmp_path):
     run_dir, _ = trained
     ckpt = load_checkpoint(run_dir)
