@@ -1,3 +1,5 @@
+import time
+
 import optuna
 import pytest
 import torch
@@ -102,8 +104,16 @@ def test_launch_keeps_the_storage_url_off_the_workers_command_lines(tmp_path):
     argv = []
 
     def read_argv(k, slot, pid):  # Popen returns after the exec, so this is the worker's own argv
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv.append(f.read().decode().split("\0"))
+        # ... but the kernel closes the exec-status pipe before it copies the new argv, so under
+        # load cmdline can still be empty for a moment: wait for it.
+        deadline = time.monotonic() + 10
+        while True:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                raw = f.read()
+            if raw or time.monotonic() > deadline:
+                break
+            time.sleep(0.001)
+        argv.append(raw.decode().split("\0"))
 
     codes = launch("tiny", url, plan_slots(None, 1, 2, tmp_path / "logs"), on_start=read_argv)
     assert codes == [0, 0]
