@@ -12,16 +12,18 @@ from typing import Any, Callable
 
 from torch import nn
 
+from search.errors import CnnsearchError
+
 Builder = Callable[..., nn.Module]
 
 _MODELS: dict[str, Builder] = {}
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(CnnsearchError):
     """The model name is not registered; the message lists the valid names."""
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(CnnsearchError):
     """Bad model params, or an architecture impossible for the input shape (one-line reason)."""
 
 

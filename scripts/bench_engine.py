@@ -24,7 +24,7 @@ from torch import nn
 from torchvision import transforms
 
 import models
-from search import data, engine
+from search import datasets, engine
 from search.config import RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def main() -> None:
     cfg = RunConfig(dataset="mnist", data_dir=args.data_dir, val_fraction=0.0, model="mnist_pool",
                     optimizer="adam", lr=1e-3, batch_size=args.batch_size, epochs=args.epochs,
                     device=str(device), seed=0)
-    ds = data.dataset_for(cfg)  # loaded before timing, as a search worker has it cached
+    ds = datasets.dataset_for(cfg)  # loaded before timing, as a search worker has it cached
     print(f"MNIST, mnist_pool ({models.count_parameters(models.build_model(cfg, ds.in_shape, 10)):,} params), "
           f"Adam 1e-3, batch {cfg.batch_size}, {cfg.epochs} epoch(s), device {device}, "
           f"{torch.get_num_threads()} threads")

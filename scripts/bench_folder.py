@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from search.folder import load_folder  # noqa: E402
+from search.datasets import load_folder  # noqa: E402
 
 CIFAR_ZIP = REPO / "../shared/datasets/cifar10-jpeg/cifar10-jpeg.zip"
 

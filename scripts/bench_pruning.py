@@ -32,7 +32,7 @@ from pathlib import Path
 import optuna
 import torch
 
-from search import data, engine, space
+from search import datasets, engine, space
 from search import spec as spec_mod
 from search.objective import make_objective
 
@@ -104,7 +104,7 @@ def warm_up(spec: spec_mod.StudySpec, device: str) -> tuple[int, int]:
     """Load the data and run one short fit so the first run is not charged for torch's lazy setup."""
     params = space.fill_params(spec.space, dict(spec.enqueue[0]) if spec.enqueue else {})
     cfg = space.params_to_config(spec, params).replace(device=device, epochs=1)
-    ds = data.dataset_for(cfg)
+    ds = datasets.dataset_for(cfg)
     engine.fit(cfg, dataset=ds)
     return len(ds.train_y), len(ds.val_y)
 

@@ -111,14 +111,14 @@ def worker_process(url: str, spec: spec_mod.StudySpec, index: int, step_seconds:
     import torch
 
     import models
-    from search import data, worker
+    from search import datasets, worker
 
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # an OverBudget race at the end is expected; states are counted
     _STEP_SECONDS = step_seconds
     engine.fit = sleeping_fit  # this process only: everything else is the real worker
     cfg = space.params_to_config(spec, space.fill_params(spec.space, {})).replace(device="cpu")
-    ds = data.dataset_for(cfg)  # per-process caches filled before the clock starts, as after a real first trial
+    ds = datasets.dataset_for(cfg)  # per-process caches filled before the clock starts, as after a real first trial
     models.build_model(cfg, ds.in_shape, ds.num_classes)
     barrier.wait()
     started, cpu = time.monotonic(), time.process_time()
@@ -285,7 +285,7 @@ def print_scaling(args, make_db) -> None:
     counts = [int(k) for k in args.workers.split(",")]
     ctx = mp.get_context("forkserver")
     # Workers fork from a server that has imported these once; fork is safe there (no torch threads yet).
-    ctx.set_forkserver_preload(["torch", "optuna", "models", "search.worker", "search.data"])
+    ctx.set_forkserver_preload(["torch", "optuna", "models", "search.worker", "search.datasets"])
     print(f"(a) scaling: worker processes on PostgreSQL, each trial sleeps {args.trial_seconds} s in {args.steps} "
           f"reported epochs; budget {args.trials_per_worker} trials per worker; RandomSampler, MedianPruner (reads "
           "the study every step, never prunes); heartbeat on")

@@ -1,12 +1,15 @@
 """cnnsearch command line: thin commands, parse -> one library call -> print.
 
-User errors (bad files, keys, values, names) are one line on stderr and exit code 1.
+User errors (`search.errors.CnnsearchError`: bad files, keys, values, names) are one line on
+stderr and exit code 1. Anything else is a bug: its traceback is shown, with a line saying so.
+Each command opens its storage once (`search.storage.open_store`) and passes the Store down.
 """
 
 from __future__ import annotations
 
 import functools
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
@@ -14,6 +17,7 @@ import typer
 from rich.console import Console
 
 import search
+from search.errors import CnnsearchError
 
 app = typer.Typer(help="Hyperparameter search for CNN image classifiers.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -22,24 +26,35 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-class UserError(ValueError):
-    """A CLI-level user error (the library raises ValueError subclasses of its own)."""
+class UserError(CnnsearchError):
+    """A mistake in the command line itself (options that contradict each other)."""
+
+
+BUG_EXIT = 70  # EX_SOFTWARE: not the user's input, a bug
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Turn the library's ValueErrors into one line on stderr and exit 1, never a traceback."""
+    """A CnnsearchError becomes one line on stderr and exit 1, never a traceback. Any other
+    exception is a bug, not bad input: its traceback, a line saying so, and exit 70."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, KeyError) as exc:
+        except CnnsearchError as exc:
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
             err.print(f"error: {message}", markup=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("interrupted", markup=False)
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise  # the command's own exit code, a declined prompt, a usage error: Typer's to show
+        except Exception:
+            traceback.print_exc()
+            err.print(f"cnnsearch {search.__version__} failed with the error above: a bug in cnnsearch, not in "
+                      "your input. Please report it with the traceback and the command you ran.", markup=False)
+            raise typer.Exit(BUG_EXIT) from None
 
     return wrapper
 
@@ -92,7 +107,7 @@ def train(
 ) -> None:
     """Train one configuration and report validation and test accuracy (the test set is read once, at the end)."""
     from search import config
-    from search import export as export_mod
+    from search import final
 
     overrides = list(set_ or [])
     overrides += [f"epochs={epochs}"] if epochs is not None else []
@@ -100,7 +115,7 @@ def train(
     cfg = config.load(config_file, overrides)
     if data_dir and cfg.data_dir is None:
         cfg = cfg.replace(data_dir=data_dir)
-    out_dir = out_dir or export_mod.default_run_dir(config_file)
+    out_dir = out_dir or final.default_run_dir(config_file)
     out.print(f"training {cfg.model} on {cfg.dataset} for {cfg.epochs} epochs "
               f"({cfg.optimizer}, lr {cfg.lr:g}, batch {cfg.batch_size}, device {cfg.device})"
               + (f", {seeds} seeds" if seeds > 1 else "") + (", on train + validation" if full_train else ""))
@@ -110,8 +125,8 @@ def train(
             out.print(f"seed {seed}")
         out.print(_epoch_line(epoch, cfg.epochs, m))
 
-    result = export_mod.train_final(cfg, out_dir, seeds=seeds, full_train=full_train, onnx=onnx,
-                                    test=not no_test, on_epoch=on_epoch)
+    result = final.train_final(cfg, out_dir, seeds=seeds, full_train=full_train, onnx=onnx,
+                               test=not no_test, on_epoch=on_epoch)
     for run in result.runs:
         who = f"seed {run['seed']}: " if seeds > 1 else ""
         if run["stop_reason"] != "finished":
@@ -155,7 +170,7 @@ def _trial_line(study, trial) -> str:
     return f"trial {trial.number:>4} {trial.state.name.lower():<8} value {value}  {why}  [{done} finished]"
 
 
-def _work(name: str, storage: Optional[str], device: str, quiet: bool, seed_offset: Optional[int],
+def _work(name: str, storage, device: str, quiet: bool, seed_offset: Optional[int],
           threads: Optional[int], heartbeat: Optional[int] = None, grace: Optional[int] = None,
           reconnect_for: Optional[float] = None) -> None:
     """One worker in this process, with progress bars (or plain lines when quiet)."""
@@ -165,22 +180,23 @@ def _work(name: str, storage: Optional[str], device: str, quiet: bool, seed_offs
 
     from search import study as study_mod
     from search.engine import resolve_device
-    from search.storage import count_trials, mask_url, storage_url
+    from search.storage import count_trials, open_store
     from search.worker import RECONNECT_FOR, run_worker
 
     if threads:
         torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     resolve_device(device)  # before the banner: a bad device is the only line
-    _, spec = study_mod.load(name, storage, heartbeat_interval=None)
-    out.print(f"worker for {name!r} on {mask_url(storage_url(storage))}, device {device}, "
-              f"budget {spec.n_trials} trials")
+    beats = {k: v for k, v in (("heartbeat_interval", heartbeat), ("grace_period", grace)) if v}
+    store = open_store(storage, **beats)
+    _, spec = study_mod.load(name, store)
+    out.print(f"worker for {name!r} on {store.shown}, device {device}, budget {spec.n_trials} trials")
     limit = RECONNECT_FOR if reconnect_for is None else reconnect_for
-    resilience = {"heartbeat_interval": heartbeat, "grace_period": grace, "reconnect_for": limit,
+    resilience = {"reconnect_for": limit,
                   "on_outage": lambda why, waited: err.print(
                       f"storage unreachable ({why}); reconnecting, {waited:.0f}/{limit:.0f} s waited", markup=False)}
     if quiet:
-        result = run_worker(name, storage, device=device, seed_offset=seed_offset, **resilience,
+        result = run_worker(name, store, device=device, seed_offset=seed_offset, **resilience,
                             on_trial=lambda s, t: out.print(_trial_line(s, t), markup=False))
     else:
         epochs = spec.fixed.get("epochs", 10)
@@ -199,16 +215,13 @@ def _work(name: str, storage: Optional[str], device: str, quiet: bool, seed_offs
                 bars.update(trials_bar, completed=count_trials(study, ("COMPLETE", "PRUNED")))
                 bars.update(epoch_bar, completed=0)
 
-            result = run_worker(name, storage, device=device, seed_offset=seed_offset, **resilience,
+            result = run_worker(name, store, device=device, seed_offset=seed_offset, **resilience,
                                 on_trial=on_trial, on_epoch=on_epoch)
     out.print(f"worker done: {result.trials_run} trials run here; stopped: {result.stopped_because}")
-    _print_best(name, storage)
+    _print_best(study_mod.summary(name, store))
 
 
-def _print_best(name: str, storage: Optional[str]) -> None:
-    from search import study as study_mod
-
-    info = study_mod.summary(name, storage)
+def _print_best(info: dict) -> None:
     best = info["best"]
     if best is None:
         out.print("no finished trial yet")
@@ -231,13 +244,14 @@ def create(
 
     from search import spec as spec_mod
     from search import study as study_mod
-    from search.storage import mask_url, storage_url
+    from search.storage import open_store
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # this command prints its own line
     spec = spec_mod.load_spec(study_file, set_)
-    made = study_mod.create(spec, storage, replace=replace)
+    store = open_store(storage, heartbeat_interval=None)
+    made = study_mod.create(spec, store, replace=replace)
     verb = "created" if made.created else "already exists (same spec)"
-    out.print(f"study {spec.name!r} {verb} in {mask_url(storage_url(storage))}: budget {spec.n_trials} "
+    out.print(f"study {spec.name!r} {verb} in {store.shown}: budget {spec.n_trials} "
               f"trials, {len(spec.space)} parameters, {len(spec.enqueue)} enqueued")
 
 
@@ -253,10 +267,12 @@ def run(
     """Create the study (if needed) and run one worker in this process: the quick start."""
     from search import spec as spec_mod
     from search import study as study_mod
+    from search.storage import open_store
 
     spec = spec_mod.load_spec(study_file, set_)
-    study_mod.create(spec, storage)
-    _work(spec.name, storage, device, quiet, None, None)
+    store = open_store(storage)  # a worker's: heartbeat on
+    study_mod.create(spec, store)
+    _work(spec.name, store, device, quiet, None, None)
 
 
 @app.command()
@@ -294,17 +310,19 @@ def launch(
 ) -> None:
     """Start one worker process per GPU slot (or --cpus N on a CPU machine) and wait for them."""
     from search import study as study_mod
-    from search.worker import launch as launch_workers
-    from search.worker import plan_slots
+    from search.launch import launch as launch_workers
+    from search.launch import plan_slots
+    from search.storage import open_store
 
-    study_mod.load(name, storage, heartbeat_interval=None)  # fail here, not in N log files
+    store = open_store(storage, heartbeat_interval=None)
+    study_mod.load(name, store)  # fail here, not in N log files
     slots = plan_slots(gpus, per_gpu, cpus if gpus is None else None, log_dir)
     extra = [*(["--heartbeat", str(heartbeat)] if heartbeat else []), *(["--grace", str(grace)] if grace else [])]
-    codes = launch_workers(name, storage, slots, worker_args=extra, on_start=lambda k, slot, pid: out.print(
+    codes = launch_workers(name, store.url, slots, worker_args=extra, on_start=lambda k, slot, pid: out.print(
         f"worker {k} (pid {pid}, {slot.device}, {slot.env.get('CUDA_VISIBLE_DEVICES') or 'no GPU'}) "
         f"-> {slot.log}"))
     out.print(f"workers exited with codes {codes}")
-    _print_best(name, storage)
+    _print_best(study_mod.summary(name, store))
     if any(codes):
         raise typer.Exit(1)
 
@@ -318,7 +336,7 @@ def status(name: Annotated[str, typer.Argument(help="Study name.")], storage: St
     info = study_mod.summary(name, storage)
     counts = ", ".join(f"{k.lower()} {v}" for k, v in sorted(info["counts"].items())) or "no trials"
     out.print(f"study {name}: {info['finished']}/{info['budget']} finished ({counts})")
-    _print_best(name, storage)
+    _print_best(info)
     for r in info["running"]:
         age = f"{r['age_s']:.0f}s" if r["age_s"] is not None else "?"
         out.print(f"  running: trial {r['number']} on {r['host']} {r['device']}, {age} old, "
@@ -363,12 +381,14 @@ def delete(
 ) -> None:
     """Delete a study and all its trials (asks first)."""
     from search import study as study_mod
+    from search.storage import open_store
 
-    info = study_mod.summary(name, storage)
+    store = open_store(storage, heartbeat_interval=None)
+    info = study_mod.summary(name, store)
     if not yes and not typer.confirm(f"delete study {name!r} and its {sum(info['counts'].values())} trials?"):
         out.print("kept")
         raise typer.Exit(1)
-    study_mod.delete(name, storage)
+    study_mod.delete(name, store)
     out.print(f"deleted study {name!r}")
 
 
@@ -404,16 +424,16 @@ def predict(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "cpu",
 ) -> None:
     """Classify image files with a trained model (loaded safely: tensors and plain data only)."""
-    from search import export as export_mod
+    from search import modelfile
 
     if not images and not dataset_test:
         raise UserError("give image files to classify, or --dataset-test")
-    ckpt = export_mod.load_checkpoint(run_dir, device)
-    for p in export_mod.predict_images(ckpt, images) if images else []:
+    loaded = modelfile.load_model_file(run_dir, device)
+    for p in modelfile.predict_images(loaded, images) if images else []:
         out.print(f"{p.path}: {p.label} (class {p.index}, p={p.probability:.3f})", markup=False)
     if dataset_test:
-        acc, loss, n = export_mod.evaluate_checkpoint(ckpt, data_dir)
-        out.print(f"{ckpt.config.dataset} test split: accuracy {acc:.2%}, loss {loss:.4f} on {n} images")
+        acc, loss, n = modelfile.evaluate_model_file(loaded, data_dir)
+        out.print(f"{loaded.config.dataset} test split: accuracy {acc:.2%}, loss {loss:.4f} on {n} images")
 
 
 @app.command()
@@ -425,14 +445,15 @@ def dashboard(
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")] = 8080,
 ) -> None:
     """optuna-dashboard on the same storage: live plots, trials with their attributes, study notes."""
-    from search import report as report_mod
-    from search.storage import mask_url, storage_url
+    from search.dashboard import open_dashboard
+    from search.storage import open_store
 
-    dash = report_mod.open_dashboard(storage, host, port)
+    store = open_store(storage, heartbeat_interval=None)
+    dash = open_dashboard(store, host, port)
     if not dash.loopback:
         err.print(f"warning: listening on {host}, reachable from other machines; the dashboard has no "
                   "login and can edit notes and delete studies", markup=False)
-    out.print(f"optuna-dashboard for {mask_url(storage_url(storage))} at {dash.url} (Ctrl-C to stop)",
+    out.print(f"optuna-dashboard for {store.shown} at {dash.url} (Ctrl-C to stop)",
               markup=False)
     try:
         dash.serve_forever()

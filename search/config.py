@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 
-class ConfigError(ValueError):
-    """A user-facing configuration problem; the message is one line naming the key."""
+from search.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -65,6 +64,8 @@ class RunConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+# The fields a study file sets in [data]: one dataset and split for every trial, never searched.
+DATA_FIELDS = ("dataset", "data_dir", "download", "data_options", "val_fraction", "val_seed", "subset")
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULERS = ("none", "step", "cosine", "onecycle")
 PRECISIONS = ("auto", "fp32", "bf16")

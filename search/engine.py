@@ -1,4 +1,4 @@
-"""The one training loop: search trials and final training both run through `fit`.
+"""The one training loop: search trials and final training both run through `train_epochs`.
 
 The dataset lives on the training device as uint8 (airbench-style). A batch is an index slice of
 that tensor, normalised and augmented on the device as a whole: no DataLoader, no PIL, no
@@ -10,15 +10,17 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import models
-from search import data as data_mod
-from search.config import RunConfig
+from search import datasets
+from search.augment import Normalizer, batch_crop, batch_erase, batch_flip
+from search.config import RunConfig, from_dict, to_dict
+from search.errors import CheckpointError, DeviceError
 
 EpochHook = Callable[[int, dict], None]
 
@@ -36,6 +38,7 @@ class FitResult:
     test_acc: float | None = None
     test_loss: float | None = None
     extras: dict = field(default_factory=dict)
+    state: TrainState | None = None  # the run as it ended: its state_dict() is a checkpoint
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -45,62 +48,10 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+        raise DeviceError(f"device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {name} requested but no CUDA device is available")
+        raise DeviceError(f"device: {name} requested but no CUDA device is available")
     return device
-
-
-class Normalizer:
-    """uint8 [B,C,H,W] -> float, (x/255 - mean)/std in one fused multiply-add."""
-
-    def __init__(self, mean, std, device: torch.device):
-        std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        self.scale = 1.0 / (255.0 * std_t)
-        self.shift = -mean_t / std_t
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(self.shift, x.float(), self.scale)
-
-
-def batch_flip(x: torch.Tensor) -> torch.Tensor:
-    """Flip half the images horizontally."""
-    mask = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5
-    return torch.where(mask, x.flip(3), x)
-
-
-def batch_crop(x: torch.Tensor, padding: int) -> torch.Tensor:
-    """Zero-pad by `padding`, then take a random HxW window per image (RandomCrop(padding=p))."""
-    b, c, h, w = x.shape
-    padded = F.pad(x, (padding,) * 4)
-    dy = torch.randint(0, 2 * padding + 1, (b, 1), device=x.device)
-    dx = torch.randint(0, 2 * padding + 1, (b, 1), device=x.device)
-    rows = (dy + torch.arange(h, device=x.device)).view(b, 1, h, 1)
-    cols = (dx + torch.arange(w, device=x.device)).view(b, 1, 1, w)
-    batch = torch.arange(b, device=x.device).view(b, 1, 1, 1)
-    chans = torch.arange(c, device=x.device).view(1, c, 1, 1)
-    return padded[batch, chans, rows, cols]
-
-
-def batch_erase(x: torch.Tensor, p: float, scale=(0.02, 0.33), ratio=(0.3, 3.3)) -> torch.Tensor:
-    """RandomErasing(p, scale, ratio, value=0) on a normalised batch, one rectangle per image."""
-    b, _, h, w = x.shape
-    dev = x.device
-    area = torch.empty(b, device=dev).uniform_(*scale) * (h * w)
-    log_r = torch.empty(b, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]))
-    eh = torch.sqrt(area * torch.exp(log_r)).round().clamp(1, h)
-    ew = torch.sqrt(area / torch.exp(log_r)).round().clamp(1, w)
-    top = (torch.rand(b, device=dev) * (h - eh + 1)).floor()
-    left = (torch.rand(b, device=dev) * (w - ew + 1)).floor()
-    ys = torch.arange(h, device=dev).view(1, h, 1)
-    xs = torch.arange(w, device=dev).view(1, 1, w)
-    inside = (
-        (ys >= top.view(b, 1, 1)) & (ys < (top + eh).view(b, 1, 1))
-        & (xs >= left.view(b, 1, 1)) & (xs < (left + ew).view(b, 1, 1))
-    )
-    chosen = (torch.rand(b, device=dev) < p).view(b, 1, 1)
-    return x.masked_fill((inside & chosen).unsqueeze(1), 0.0)
 
 
 def make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
@@ -182,53 +133,157 @@ def chance_level(y: torch.Tensor, num_classes: int) -> tuple[float, float]:
     return chance, max(0.01, 3 * math.sqrt(chance * (1 - chance) / y.numel()))
 
 
-def fit(cfg: RunConfig, on_epoch: EpochHook | None = None, *, dataset=None,
-        evaluate_test: bool = False, full_train: bool = False) -> FitResult:
-    """Train one configuration; evaluate on the validation split after every epoch.
+def _steps(n: int, batch_size: int) -> tuple[int, int]:
+    """(batch size, steps per epoch) for n training images."""
+    bs = min(batch_size, n)
+    return bs, n // bs + (1 if n % bs > 1 else 0)  # a lone last sample would break BatchNorm
 
-    Args:
-        cfg: the run's settings.
-        on_epoch: called as on_epoch(epoch, metrics) after each healthy epoch (epoch counts from 0);
-            exceptions it raises (optuna.TrialPruned) propagate to the caller.
-        dataset: a loaded `search.data.Dataset`; loaded (and cached) from `cfg` when None.
-        evaluate_test: evaluate the test split once, after the last epoch (final training only).
-        full_train: train on train + validation (final training); validation metrics are then
-            not reported, since the model has seen those images.
 
-    Returns:
-        FitResult. A diverging run (non-finite loss, or validation accuracy at chance after
-        `cfg.warmup_epochs`) stops early with `stop_reason` saying why; it does not raise.
+def _capture_rng(device: torch.device) -> dict:
+    # Dropout and the augmentation draw from the training device's global generator. Nothing
+    # in the loop or the models uses Python's `random` or numpy: their states are no part of a run.
+    return {"torch_cpu": torch.get_rng_state(),
+            "torch_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _restore_rng(rng: dict, device: torch.device) -> None:
+    torch.set_rng_state(rng["torch_cpu"].cpu())  # .cpu(): a checkpoint may be loaded with map_location
+    if device.type == "cuda" and rng["torch_cuda"] is not None:
+        torch.cuda.set_rng_state(rng["torch_cuda"].cpu(), device)
+
+
+# Where a run's files and device are, not what it computes: a run may continue with these changed.
+_PLACE_KEYS = ("device", "data_dir", "download")
+
+
+@dataclass(eq=False)
+class TrainState:
+    """Everything a run needs to continue, updated in place by `train_epochs`.
+
+    As in a Lightning or Ray Tune checkpoint, model, optimizer, scheduler, loop progress and RNG
+    streams travel together. The run owns its global RNG streams (`rng`): the loop restores them
+    before each epoch and captures them after it, so nothing a caller draws between epochs
+    shifts training, and a resumed run draws exactly what an uninterrupted one does.
     """
-    device = resolve_device(cfg.device)
-    ds = data_mod.to_device(dataset if dataset is not None else data_mod.dataset_for(cfg), device)
-    torch.manual_seed(cfg.seed)
-    model = models.build_model(cfg, ds.in_shape, ds.num_classes).to(device)
-    model = model.to(memory_format=torch.channels_last)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    bf16 = uses_bf16(cfg.precision, device)
-    n_params = models.count_parameters(model)
 
+    cfg: RunConfig
+    device: torch.device
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    per_batch: bool  # the scheduler steps after every batch (cosine, onecycle), else every epoch
+    generator: torch.Generator  # the data order: a stream of its own, seeded with cfg.seed
+    rng: dict  # the global torch streams as the last epoch left them
+    full_train: bool = False  # trains on train + validation (final training)
+    # No GradScaler: bf16 autocast keeps fp32's exponent range, so gradients need no loss
+    # scaling (fp16's would). The slot keeps the checkpoint layout should fp16 come.
+    scaler: None = None
+    epoch: int = 0  # finished epochs, which is also the number of the next one
+    best_val_acc: float = -1.0
+    best_epoch: int = -1
+    history: list[dict] = field(default_factory=list)  # one metrics dict per finished epoch
+    stop_reason: str | None = None  # None while the run can go on; "finished" | "diverged: <why>"
+
+    @classmethod
+    def start(cls, cfg: RunConfig, ds, device=None, *, full_train: bool = False) -> TrainState:
+        """A fresh run: seeded, model, optimizer and scheduler built, nothing trained yet.
+
+        Args:
+            cfg: the run's settings.
+            ds: the dataset, already on `device` (`search.datasets.to_device`).
+            device: where to train; `cfg.device` resolved when None.
+            full_train: train on train + validation (final training).
+        """
+        device = resolve_device(cfg.device) if device is None else torch.device(device)
+        if ds.train_x.device.type != device.type:
+            raise ValueError(f"the dataset is on {ds.train_x.device}, not on the training device {device}")
+        torch.manual_seed(cfg.seed)
+        model = models.build_model(cfg, ds.in_shape, ds.num_classes).to(device)
+        model = model.to(memory_format=torch.channels_last)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        n = ds.train_x.shape[0] + (ds.val_x.shape[0] if full_train else 0)
+        opt = make_optimizer(cfg, model.parameters())
+        sched, per_batch = make_scheduler(cfg, opt, _steps(n, cfg.batch_size)[1])
+        return cls(cfg, device, model, opt, sched, per_batch, torch.Generator().manual_seed(cfg.seed),
+                   _capture_rng(device), full_train)
+
+    @classmethod
+    def resume(cls, saved: dict, ds, device=None) -> TrainState:
+        """A saved `state_dict()` rebuilt to continue, as a restarted process does."""
+        cfg = from_dict(saved["cfg"])
+        state = cls.start(cfg if device is None else cfg.replace(device=str(device)), ds,
+                          full_train=saved["full_train"])
+        state.load_state_dict(saved)
+        return state
+
+    def state_dict(self) -> dict:
+        """Plain data and tensors only (loads with weights_only=True); live tensors: save it at once."""
+        return {"format": 1, "cfg": to_dict(self.cfg), "full_train": self.full_train,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "scaler": None,
+                "progress": {"epoch": self.epoch, "best_val_acc": self.best_val_acc,
+                             "best_epoch": self.best_epoch, "history": self.history,
+                             "stop_reason": self.stop_reason},
+                "rng": {"data_order": self.generator.get_state(), **self.rng}}
+
+    def load_state_dict(self, saved: dict) -> None:
+        """Continue a saved run in this freshly started state; sets the global torch RNGs at once.
+
+        Raises:
+            CheckpointError: the saved run had other settings (`_PLACE_KEYS` aside) or another data split.
+        """
+        mine = to_dict(self.cfg)
+        differ = [k for k in mine if k not in _PLACE_KEYS and saved["cfg"].get(k) != mine[k]]
+        differ += ["full_train"] if saved["full_train"] != self.full_train else []
+        if differ:
+            raise CheckpointError(f"the saved run is another run: {', '.join(differ)} differ")
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(saved["scheduler"])
+        p = saved["progress"]
+        self.epoch, self.best_val_acc, self.best_epoch = p["epoch"], p["best_val_acc"], p["best_epoch"]
+        self.history, self.stop_reason = [dict(h) for h in p["history"]], p["stop_reason"]
+        rng = saved["rng"]
+        self.generator.set_state(rng["data_order"].cpu())
+        # A run saved on the CPU has no CUDA stream: this one's, seeded by start(), stays.
+        self.rng = {"torch_cpu": rng["torch_cpu"].cpu(), "torch_cuda": rng["torch_cuda"]
+                    if rng["torch_cuda"] is not None else self.rng["torch_cuda"]}
+        _restore_rng(self.rng, self.device)
+
+
+def train_epochs(state: TrainState, ds) -> Iterator[dict]:
+    """Train `state` (in place) on `ds`, its dataset on its device, one epoch per iteration.
+
+    Yields each healthy epoch's metrics (also appended to `state.history`), so the caller can
+    report, prune, save `state.state_dict()` or break, and continue later with a new call. Ends
+    by itself after `cfg.epochs` epochs (`stop_reason` "finished", set before the last yield) or
+    on divergence: a non-finite training loss, or validation accuracy still at chance after
+    `cfg.warmup_epochs`; a diverged epoch is recorded in the history but not yielded.
+    """
+    cfg, device, model, opt, sched = state.cfg, state.device, state.model, state.optimizer, state.scheduler
     train_x, train_y = ds.train_x, ds.train_y
-    if full_train and ds.val_x.shape[0]:
+    if state.full_train and ds.val_x.shape[0]:
         train_x, train_y = torch.cat([train_x, ds.val_x]), torch.cat([train_y, ds.val_y])
-    has_val = ds.val_x.shape[0] > 0 and not full_train
+    has_val = ds.val_x.shape[0] > 0 and not state.full_train  # full_train: the model has seen val
     n = train_x.shape[0]
-    bs = min(cfg.batch_size, n)
-    steps = n // bs + (1 if n % bs > 1 else 0)  # a lone last sample would break BatchNorm
+    bs, steps = _steps(n, cfg.batch_size)
     norm = Normalizer(ds.mean, ds.std, device)
-    opt = make_optimizer(cfg, model.parameters())
-    sched, per_batch = make_scheduler(cfg, opt, steps)
+    bf16 = uses_bf16(cfg.precision, device)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    gen = torch.Generator().manual_seed(cfg.seed)
     chance, margin = chance_level(ds.val_y, ds.num_classes) if has_val else (0.0, 0.0)
 
-    history: list[dict] = []
-    best_acc, best_epoch, reason = -1.0, -1, "finished"
-    for epoch in range(cfg.epochs):
+    while state.stop_reason is None:
+        epoch = state.epoch
+        if epoch >= cfg.epochs:
+            state.stop_reason = "finished"
+            return
+        _restore_rng(state.rng, device)
         t0 = time.perf_counter()
         model.train()
-        perm = torch.randperm(n, generator=gen).to(device)
+        perm = torch.randperm(n, generator=state.generator).to(device)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
@@ -247,12 +302,12 @@ def fit(cfg: RunConfig, on_epoch: EpochHook | None = None, *, dataset=None,
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if per_batch:
+            if state.per_batch:
                 sched.step()
             loss_sum += loss.detach() * idx.numel()
             correct += (logits.argmax(1) == yb).sum()
             seen += idx.numel()
-        if sched is not None and not per_batch:
+        if sched is not None and not state.per_batch:
             sched.step()
         train_loss = loss_sum.item() / seen
         train_seconds = time.perf_counter() - t0
@@ -262,24 +317,59 @@ def fit(cfg: RunConfig, on_epoch: EpochHook | None = None, *, dataset=None,
         if has_val:
             metrics["val_loss"], metrics["val_acc"] = evaluate(model, ds.val_x, ds.val_y, norm, bf16=bf16)
         metrics["seconds"] = time.perf_counter() - t0
-        history.append(metrics)
+        state.rng, state.epoch = _capture_rng(device), epoch + 1
+        state.history.append(metrics)
 
         if not math.isfinite(train_loss):
-            reason = f"diverged: training loss became {train_loss} in epoch {epoch}"
-            break
+            state.stop_reason = f"diverged: training loss became {train_loss} in epoch {epoch}"
+            return
         if has_val:
-            if metrics["val_acc"] > best_acc:
-                best_acc, best_epoch = metrics["val_acc"], epoch
+            if metrics["val_acc"] > state.best_val_acc:
+                state.best_val_acc, state.best_epoch = metrics["val_acc"], epoch
             if epoch + 1 >= cfg.warmup_epochs and metrics["val_acc"] <= chance + margin:
-                reason = (f"diverged: validation accuracy {metrics['val_acc']:.1%} still at chance level "
-                          f"({chance:.1%} + {margin:.1%} noise) after {epoch + 1} epochs")
-                break
-        if on_epoch is not None:
-            on_epoch(epoch, metrics)
+                state.stop_reason = (f"diverged: validation accuracy {metrics['val_acc']:.1%} still at chance "
+                                     f"level ({chance:.1%} + {margin:.1%} noise) after {epoch + 1} epochs")
+                return
+        if state.epoch >= cfg.epochs:
+            state.stop_reason = "finished"
+        yield metrics
 
-    result = FitResult(history=history, best_val_acc=max(best_acc, 0.0), best_epoch=best_epoch,
-                       stop_reason=reason, model=model, n_params=n_params, device=str(device),
-                       precision="bf16" if bf16 else "fp32")
+
+def fit(cfg: RunConfig, on_epoch: EpochHook | None = None, *, dataset=None,
+        evaluate_test: bool = False, full_train: bool = False, state: TrainState | None = None) -> FitResult:
+    """Train one configuration; evaluate on the validation split after every epoch.
+
+    Args:
+        cfg: the run's settings.
+        on_epoch: called as on_epoch(epoch, metrics) after each healthy epoch (epoch counts from 0);
+            exceptions it raises (optuna.TrialPruned) propagate to the caller.
+        dataset: a loaded `search.datasets.Dataset`; loaded (and cached) from `cfg` when None.
+        evaluate_test: evaluate the test split once, after the last epoch (final training only).
+        full_train: train on train + validation (final training); validation metrics are then
+            not reported, since the model has seen those images.
+        state: continue this run (`TrainState.start` or `resume`, e.g. from a checkpoint) for its
+            remaining epochs instead of starting afresh; its cfg and full_train must be these.
+
+    Returns:
+        FitResult. A diverging run (non-finite loss, or validation accuracy at chance after
+        `cfg.warmup_epochs`) stops early with `stop_reason` saying why; it does not raise.
+    """
+    device = resolve_device(cfg.device) if state is None else state.device
+    ds = datasets.to_device(dataset if dataset is not None else datasets.dataset_for(cfg), device)
+    if state is None:
+        state = TrainState.start(cfg, ds, device, full_train=full_train)
+    elif state.cfg != cfg or state.full_train != full_train:
+        raise ValueError("fit: the state is another run's (its cfg or full_train differ from these)")
+    for metrics in train_epochs(state, ds):
+        if on_epoch is not None:
+            on_epoch(metrics["epoch"], metrics)
+
+    bf16 = uses_bf16(cfg.precision, device)
+    result = FitResult(history=state.history, best_val_acc=max(state.best_val_acc, 0.0),
+                       best_epoch=state.best_epoch, stop_reason=state.stop_reason, model=state.model,
+                       n_params=models.count_parameters(state.model), device=str(device),
+                       precision="bf16" if bf16 else "fp32", state=state)
     if evaluate_test:
-        result.test_loss, result.test_acc = evaluate(model, ds.test_x, ds.test_y, norm, bf16=bf16)
+        norm = Normalizer(ds.mean, ds.std, device)
+        result.test_loss, result.test_acc = evaluate(state.model, ds.test_x, ds.test_y, norm, bf16=bf16)
     return result

@@ -15,8 +15,8 @@ from typing import Callable
 import optuna
 
 import models
-from search import data, engine, space
-from search.storage import connection_problem, count_trials
+from search import datasets, engine, space
+from search.storage import connection_problem, count_trials, stored_trial
 
 EpochProgress = Callable[[int, int, dict], None]  # (trial number, epoch, metrics)
 
@@ -39,12 +39,12 @@ def make_objective(spec, *, device: str = "auto",
         device: training device for this worker (auto | cpu | cuda | cuda:N).
         on_epoch: progress hook for the CLI, called after each reported epoch.
     """
-    metric = spec.metric
-    better = max if spec.direction == "maximize" else min
+    goal = spec.objectives[0]
+    metric = goal.name
 
     def objective(trial: optuna.Trial) -> float:
         # A retry takes the slot of the trials it repeats, failed or about to be.
-        replaced = trial.study._storage.get_trial(trial._trial_id).system_attrs.get("retry_history", [])
+        replaced = stored_trial(trial).system_attrs.get("retry_history", [])
         earlier = count_trials(trial.study, below=trial.number, excluding=replaced,
                                states=("COMPLETE", "PRUNED", "RUNNING", "WAITING"))
         if earlier >= spec.n_trials:
@@ -71,7 +71,7 @@ def make_objective(spec, *, device: str = "auto",
 
         started = time.perf_counter()
         try:
-            dataset = data.dataset_for(cfg)
+            dataset = datasets.dataset_for(cfg)
             n_params = models.count_parameters(models.build_model(cfg, dataset.in_shape, dataset.num_classes))
             trial.set_user_attr("n_params", n_params)
             result = engine.fit(cfg, report, dataset=dataset)
@@ -96,6 +96,6 @@ def make_objective(spec, *, device: str = "auto",
                 trial.report(last[metric], last["epoch"])  # the diverged epoch shows on the curves too
             raise optuna.TrialPruned(result.stop_reason)
         trial.set_user_attr("best_epoch", result.best_epoch)
-        return better(h[metric] for h in result.history)
+        return goal.best_of(h[metric] for h in result.history)
 
     return objective

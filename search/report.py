@@ -1,4 +1,4 @@
-"""A study as one self-contained HTML file to mail, the same figures as PNG, and the dashboard.
+"""A study as one self-contained HTML file to mail, and the same figures as PNG files.
 
 The report reads the trials once into an in-memory study and draws every figure from bounded
 views of it, so a study of thousands of trials takes seconds: epoch curves for the best trials
@@ -12,30 +12,26 @@ from __future__ import annotations
 
 import contextlib
 import html
-import ipaddress
 import json
 import random
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import optuna
 from optuna.trial import TrialState
 
 import search
 from search import config, space
+from search import objectives
 from search import study as study_mod
-from search.storage import mask_url, open_storage, storage_url
+from search.files import write_atomic
+from search.storage import Store, mask_url, open_store
 
 _CURVES_TOP, _CURVES_SAMPLE = 20, 30  # epoch curves: the best trials, plus a sample of the rest
 _IMPORTANCE_SAMPLE = 300  # fANOVA on more trials costs seconds and changes little
 _MAX_LINES = 500  # parallel coordinates: one plotly trace per line; more is slow and a solid block
-
-
-class DashboardError(ValueError):
-    """The dashboard cannot start (port in use, bad host); one line."""
 
 
 @dataclass
@@ -159,7 +155,7 @@ def build_report(study: optuna.Study, spec, *, url: str | None = None, top: int 
     from optuna import visualization as vis
 
     trials = study.get_trials(deepcopy=False)
-    ranked = study_mod.ranked(trials, spec.direction)
+    ranked = objectives.ranked(trials, spec.objectives)
     best = ranked[0] if ranked else None
     view = _view(trials, spec.direction)
     with_curves = [t for t in trials if t.intermediate_values]
@@ -286,79 +282,11 @@ def _write_pngs(out: Path, view, lines_view, curves, best, importances, metric, 
     return written
 
 
-def write_report(name: str, path: str | Path, url: str | None = None, *, top: int = 20,
+def write_report(name: str, path: str | Path, store: Store | str | None = None, *, top: int = 20,
                  png_dir: str | Path | None = None) -> Report:
     """Load study `name` and write its report to `path` (atomically); see `build_report`."""
-    from search.export import write_atomic
-
-    study, spec = study_mod.load(name, url, heartbeat_interval=None)
-    report = build_report(study, spec, url=storage_url(url), top=top, png_dir=png_dir)
+    store = open_store(store, heartbeat_interval=None)
+    study, spec = study_mod.load(name, store)
+    report = build_report(study, spec, url=store.url, top=top, png_dir=png_dir)
     write_atomic(path, lambda f: f.write(report.html.encode()))
     return report
-
-
-def describe_study(study: optuna.Study, spec) -> None:
-    """Store the spec's description as the study's optuna-dashboard note (Markdown), and name
-    its objective after the metric (the dashboard would say "Objective 0")."""
-    from optuna_dashboard import save_note
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names([spec.metric])
-    searched = ", ".join(f"`{p.name}`" for p in spec.space) or "nothing"
-    data = spec.data.get("dataset", "digits")
-    save_note(study, f"{spec.description or spec.name}\n\n"
-                     f"**{spec.metric}** ({spec.direction}), budget {spec.n_trials} trials, dataset **{data}**; "
-                     f"searched: {searched}.\n\n"
-                     f"Created by cnnsearch {search.__version__}. `cnnsearch export {spec.name} -o best.json` "
-                     "writes the best config.\n")
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format, *args):  # noqa: A002  (one line per request would flood the terminal)
-        pass
-
-
-@dataclass
-class Dashboard:
-    server: WSGIServer
-    url: str
-    loopback: bool
-
-    def serve_forever(self) -> None:
-        try:
-            self.server.serve_forever()
-        finally:
-            self.server.server_close()
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def open_dashboard(url: str | None = None, host: str = "127.0.0.1", port: int = 8080) -> Dashboard:
-    """optuna-dashboard's WSGI app on `url`, bound to host:port (port 0: any free port).
-
-    Binding here rather than in `optuna_dashboard.run_server` makes a busy port one clear error
-    and gives the caller the real address before serving starts.
-    """
-    import optuna_dashboard
-
-    storage = open_storage(url, heartbeat_interval=None)
-    app = optuna_dashboard.wsgi(storage)
-    server_class = WSGIServer
-    if ":" in host:
-        import socket
-
-        server_class = type("WSGIServer6", (WSGIServer,), {"address_family": socket.AF_INET6})
-    try:
-        server = make_server(host, port, app, server_class=server_class, handler_class=_QuietHandler)
-    except OSError as exc:
-        raise DashboardError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    shown = f"[{host}]" if ":" in host else host
-    return Dashboard(server, f"http://{shown}:{server.server_port}/dashboard", is_loopback(host))

@@ -15,16 +15,12 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
 from . import config
+from .errors import SpaceError
 
 TYPES = ("float", "int", "categorical")
-DATA_FIELDS = ("dataset", "data_dir", "download", "data_options", "val_fraction", "val_seed", "subset")
 _KEYS = {"type", "low", "high", "log", "step", "choices", "when", "target"}
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TARGET = re.compile(r"(?P<field>\w+)(?:\.(?P<key>\w+)(?:\[(?P<index>\d+)\])?)?")
-
-
-class SpaceError(ValueError):
-    """A bad parameter definition; the message is one line starting with the key, e.g. `space.lr.low: ...`."""
 
 
 @dataclass(frozen=True)
@@ -170,9 +166,9 @@ def _check_target(target: str, fixed: Mapping[str, Any], fail) -> None:
     m = _TARGET.fullmatch(target)
     if not m or m["field"] not in config.FIELDS:
         raise fail(f"{target!r} is not a RunConfig field or model_params.<key>[<index>] "
-                   f"(fields: {', '.join(f for f in config.FIELDS if f not in DATA_FIELDS)})")
+                   f"(fields: {', '.join(f for f in config.FIELDS if f not in config.DATA_FIELDS)})")
     field, key, index = split_target(target)
-    if field in DATA_FIELDS:
+    if field in config.DATA_FIELDS:
         raise fail(f"{field!r} is a data field; the data is the same for every trial (set it in [data])")
     if key is None and config.FIELDS[field].type == "dict":
         raise fail(f"{field!r} is a table; target one key, like {field}.<key>")

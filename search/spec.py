@@ -21,21 +21,19 @@ from typing import Any, Mapping
 import optuna
 
 from . import config
-from .space import (DATA_FIELDS, Param, SpaceError, apply_params, check_space, contains, corner_params, fill_params,
-                    is_active, parse_param, split_target)
+from .errors import SpecError
+from .objectives import Objective, objective
+from .config import DATA_FIELDS
+from .space import (Param, SpaceError, apply_params, check_space, contains, corner_params, fill_params, is_active,
+                    parse_param, split_target)
 
-METRICS = {"val_acc": "maximize", "val_loss": "minimize"}  # the direction each metric is optimised in
 SECTIONS = ("study", "data", "fixed", "space", "sampler", "pruner", "enqueue")
 STUDY_KEYS = ("name", "direction", "metric", "n_trials", "timeout", "description")
 FIXED_FIELDS = tuple(f for f in config.FIELDS if f not in DATA_FIELDS)
 _STUDY_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
-class SpecError(ValueError):
-    """A bad study file; the message is one line: `<file>: <key>: <what was expected>`."""
-
-
-class _Invalid(ValueError):
+class _Invalid(SpecError):
     """`<key>: <what>`; spec_from_dict prefixes the file name (or source) and re-raises it as SpecError."""
 
 
@@ -52,8 +50,7 @@ class StudySpec:
     """A validated study. `data` and `fixed` are RunConfig values; `space` is in dependency order."""
 
     name: str
-    direction: str
-    metric: str
+    objectives: tuple[Objective, ...]  # what the study optimises; one, from study.metric/direction
     n_trials: int  # global budget: complete + pruned trials across all workers
     timeout: float | int | None
     description: str
@@ -63,6 +60,15 @@ class StudySpec:
     sampler: ClassSpec
     pruner: ClassSpec
     enqueue: tuple[dict, ...]  # configurations to try first, by parameter name
+
+    @property
+    def metric(self) -> str:
+        """The metric of the study's one objective (what trials report each epoch)."""
+        return self.objectives[0].name
+
+    @property
+    def direction(self) -> str:
+        return self.objectives[0].direction
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> StudySpec:
@@ -195,12 +201,10 @@ def _parse_study(study: Mapping[str, Any]) -> dict[str, Any]:
     name = study.get("name")
     if not isinstance(name, str) or not _STUDY_NAME.fullmatch(name):
         raise _Invalid(f"study.name: expected letters, digits, _ and -, got {name!r}")
-    metric = study.get("metric", "val_acc")
-    if not isinstance(metric, str) or metric not in METRICS:
-        raise _Invalid(f"study.metric: expected one of {', '.join(METRICS)}, got {metric!r}")
-    direction = study.get("direction", METRICS[metric])
-    if direction != METRICS[metric]:
-        raise _Invalid(f"study.direction: {metric} is optimised with {METRICS[metric]!r}, got {direction!r}")
+    try:
+        goal = objective(study.get("metric", "val_acc"), study.get("direction"))
+    except SpecError as err:
+        raise _Invalid(str(err)) from None
     n_trials, timeout = study.get("n_trials"), study.get("timeout")
     if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1:
         raise _Invalid(f"study.n_trials: expected an integer >= 1, got {n_trials!r}")
@@ -209,7 +213,7 @@ def _parse_study(study: Mapping[str, Any]) -> dict[str, Any]:
     description = study.get("description", "")
     if not isinstance(description, str):
         raise _Invalid(f"study.description: expected a string, got {description!r}")
-    return dict(name=name, direction=direction, metric=metric, n_trials=n_trials, timeout=timeout,
+    return dict(name=name, objectives=(goal,), n_trials=n_trials, timeout=timeout,
                 description=description)
 
 
@@ -228,11 +232,11 @@ def _check_plain(key: str, value: Any) -> None:
 
 def _check_names(data: Mapping[str, Any], fixed: Mapping[str, Any]) -> None:
     from models import list_models  # lazy: loading torch is only worth it once the file parses
-    from .data import DATASETS
+    from .datasets import names as dataset_names  # the registry as it is now, later registrations included
 
     dataset = data.get("dataset", config.RunConfig.dataset)
-    if dataset not in DATASETS:
-        raise _Invalid(f"data.dataset: unknown dataset {dataset!r} (valid: {', '.join(DATASETS)})")
+    if dataset not in dataset_names():
+        raise _Invalid(f"data.dataset: unknown dataset {dataset!r} (valid: {', '.join(dataset_names())})")
     model = fixed.get("model", config.RunConfig.model)
     if model not in list_models():
         raise _Invalid(f"fixed.model: unknown model {model!r} (valid: {', '.join(list_models())})")

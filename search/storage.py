@@ -3,6 +3,11 @@
 SQLite (the default, a file in the working directory) suits one machine; PostgreSQL
 (`postgresql+psycopg://user@host/db`) suits many workers. Passwords never leave this module
 unmasked: every message uses `mask_url`.
+
+This is the only module that touches Optuna's private names (`OPTUNA_INTERNALS` lists them,
+and tests/test_storage.py fails naming this module if an Optuna release drops one); pyproject
+bounds Optuna to the releases it is tested with. A command opens its storage once, as a
+`Store`, and passes it down.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import os
 import random
 import time
 import warnings
+from dataclasses import dataclass
 
 import optuna
 import sqlalchemy
@@ -28,19 +34,78 @@ GRACE_PERIOD = 60  # a RUNNING trial silent this long belongs to a dead worker
 RETRIES = 1  # a trial cut off by a dead worker, a signal or a database outage runs again once
 SYNC_SECONDS = 1.0  # a worker re-reads other workers' trials at most this often (see TrialCache)
 
+# Every private Optuna name this module uses: (module, attribute) for module-level names and
+# ("instance", attribute) for attributes of live objects; tests/test_storage.py checks each one.
+OPTUNA_INTERNALS = (
+    ("optuna.storages._cached_storage", "_CachedStorage"),
+    ("optuna.storages._rdb.models", "TrialModel"),
+    ("optuna.storages._rdb.models", "TrialIntermediateValueModel"),
+    ("optuna.storages._cached_storage._CachedStorage", "_read_trials_from_remote_storage"),
+    ("optuna.storages.RDBStorage", "_create_new_trial"),
+    ("instance", "_CachedStorage._backend"),
+    ("instance", "_CachedStorage._lock"),
+    ("instance", "_CachedStorage._studies"),
+    ("instance", "_CachedStorage._trial_id_to_study_id_and_number"),
+    ("instance", "Study._storage"),
+    ("instance", "Study._study_id"),
+    ("instance", "Trial._trial_id"),
+    ("optuna.study._optimize", "_run_trial"),  # OPTIMIZE_LOGGER below is this module's logger
+)
+# Optuna logs "Trial N failed with ..." (and its traceback) on this logger; the worker filters it.
+OPTIMIZE_LOGGER = "optuna.study._optimize"
+
 
 # Heartbeat and stale-trial retry have been "experimental" since Optuna 2.x; they are what
 # keeps a multi-worker study honest, so say it once here rather than on every worker start.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
-class StorageError(ValueError):
-    """The storage cannot be used; one line, password masked."""
+from search.errors import StorageError
 
 
 def storage_url(url: str | None = None) -> str:
     """`--storage` -> $CNNSEARCH_STORAGE -> a SQLite file in the working directory."""
     return url or os.environ.get("CNNSEARCH_STORAGE") or DEFAULT_URL
+
+
+@dataclass(frozen=True)
+class Store:
+    """One command's storage, opened once and passed down: the URL it came from and the Optuna
+    storage over it (the artifact store for checkpoints will sit here too)."""
+
+    url: str
+    storage: "TrialCache"
+
+    @property
+    def shown(self) -> str:
+        """The URL with its password masked: the only form that is ever printed."""
+        return mask_url(self.url)
+
+
+def open_store(url: "str | Store | None" = None, **kwargs) -> Store:
+    """A Store for `url` (None: `storage_url()`); a Store given is returned as it is.
+
+    Keyword arguments are `open_storage`'s (heartbeat_interval, grace_period, sync_seconds).
+    """
+    if isinstance(url, Store):
+        return url
+    url = storage_url(url)
+    return Store(url, open_storage(url, **kwargs))
+
+
+def storage_of(study: optuna.Study):
+    """The storage a study was loaded from (Optuna keeps it private)."""
+    return study._storage
+
+
+def trial_id(trial) -> int:
+    """The storage id of a live `optuna.Trial` or a `FrozenTrial`."""
+    return trial._trial_id
+
+
+def stored_trial(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
+    """A live trial as the storage has it now (attributes other workers may have written)."""
+    return trial.study._storage.get_trial(trial._trial_id)
 
 
 def mask_url(url: str) -> str:
@@ -174,13 +239,6 @@ def connection_problem(exc: BaseException) -> str | None:
     return None
 
 
-def _retry_callback():
-    # Renamed in Optuna 4.9; keep working on the older releases a GPU machine may have.
-    cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or \
-        optuna.storages.RetryFailedTrialCallback
-    return cls(max_retry=RETRIES)
-
-
 def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> int | None:
     """Queue `trial` again as a WAITING copy, as Optuna's stale-trial retry does (same params
     and attrs, `failed_trial` / `retry_history` system attrs; its stop reason stays with the
@@ -250,7 +308,7 @@ def open_storage(url: str | None = None, *, heartbeat_interval: int | None = HEA
     if heartbeat_interval:
         heartbeat = {"heartbeat_interval": heartbeat_interval,
                      "grace_period": grace_period or 3 * heartbeat_interval,
-                     "heartbeat_stale_trial_callback": _retry_callback()}
+                     "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=RETRIES)}
     try:
         if sync_seconds is None:
             sync_seconds = SYNC_SECONDS if heartbeat_interval else 0.0

@@ -13,14 +13,12 @@ from datetime import datetime, timezone
 import optuna
 
 import search
+from search import objectives
 from search import spec as spec_mod
-from search.storage import open_storage, trials_by_state, trials_in_state
+from search.errors import StudyError
+from search.storage import Store, open_store, trials_by_state, trials_in_state
 
 SPEC_ATTR = "cnnsearch_spec"
-
-
-class StudyError(ValueError):
-    """A study-level user error (unknown name, conflicting spec, no finished trial)."""
 
 
 @dataclass(frozen=True)
@@ -42,7 +40,7 @@ def _stored_spec(study: optuna.Study, wait: float = 60.0, wait_foreign: float = 
         time.sleep(0.2)
 
 
-def create(spec, url: str | None = None, *, replace: bool = False) -> Created:
+def create(spec, store: Store | str | None = None, *, replace: bool = False) -> Created:
     """Create the study for `spec`; idempotent for an identical spec.
 
     Eight processes creating the same new study at once end with one study, and the spec's
@@ -53,10 +51,10 @@ def create(spec, url: str | None = None, *, replace: bool = False) -> Created:
     """
     # Imported before the study exists: the processes that lose the race wait for the winner's
     # spec, and a cold import of optuna-dashboard takes seconds on a busy machine.
-    from search.report import describe_study  # the description as optuna-dashboard's study note
+    from search.dashboard import describe_study  # the description as optuna-dashboard's study note
     import optuna_dashboard  # noqa: F401
 
-    storage = open_storage(url, heartbeat_interval=None)
+    storage = open_store(store, heartbeat_interval=None).storage
     wanted = spec_mod.spec_to_dict(spec)
     if replace:
         try:
@@ -64,7 +62,8 @@ def create(spec, url: str | None = None, *, replace: bool = False) -> Created:
         except KeyError:
             pass
     try:
-        study = optuna.create_study(study_name=spec.name, storage=storage, direction=spec.direction)
+        study = optuna.create_study(study_name=spec.name, storage=storage,
+                                    directions=[o.direction for o in spec.objectives])
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=spec.name, storage=storage)
         if spec_mod.spec_to_dict(_stored_spec(study)) != wanted:
@@ -77,8 +76,7 @@ def create(spec, url: str | None = None, *, replace: bool = False) -> Created:
     if spec.data.get("dataset") == "folder":
         # Class names travel with the study (and from there into exports and checkpoints),
         # so predictions print names; listing the folder decodes nothing.
-        from search.data import resolve_folder_path
-        from search.folder import list_folder
+        from search.datasets import list_folder, resolve_folder_path
 
         options = spec.data.get("data_options", {})
         path = resolve_folder_path(options["path"], spec.data.get("data_dir"))
@@ -92,9 +90,9 @@ def create(spec, url: str | None = None, *, replace: bool = False) -> Created:
     return Created(study, created=True)
 
 
-def load(name: str, url: str | None = None, **storage_kwargs) -> tuple[optuna.Study, object]:
-    """(study, spec) for a study created by cnnsearch."""
-    storage = open_storage(url, **storage_kwargs)
+def load(name: str, store: Store | str | None = None, **storage_kwargs) -> tuple[optuna.Study, object]:
+    """(study, spec) for a study created by cnnsearch; `storage_kwargs` apply when `store` is a URL."""
+    storage = open_store(store, **storage_kwargs).storage
     try:
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
@@ -104,8 +102,8 @@ def load(name: str, url: str | None = None, **storage_kwargs) -> tuple[optuna.St
     return study, _stored_spec(study)
 
 
-def list_studies(url: str | None = None) -> list[dict]:
-    storage = open_storage(url, heartbeat_interval=None)
+def list_studies(store: Store | str | None = None) -> list[dict]:
+    storage = open_store(store, heartbeat_interval=None).storage
     rows = []
     for s in optuna.get_all_study_summaries(storage, include_best_trial=True):
         rows.append({"name": s.study_name, "n_trials": s.n_trials,
@@ -114,9 +112,9 @@ def list_studies(url: str | None = None) -> list[dict]:
     return sorted(rows, key=lambda r: r["name"])
 
 
-def summary(name: str, url: str | None = None) -> dict:
+def summary(name: str, store: Store | str | None = None) -> dict:
     """Counts by state, the best trial, and the running trials with host, device and age."""
-    study, spec = load(name, url, heartbeat_interval=None)
+    study, spec = load(name, store, heartbeat_interval=None)
     counts = trials_by_state(study)
     now = datetime.now()
     running = [{"number": t.number, "host": t.user_attrs.get("host", "?"),
@@ -124,36 +122,21 @@ def summary(name: str, url: str | None = None) -> dict:
                 "age_s": (now - t.datetime_start).total_seconds() if t.datetime_start else None,
                 "epochs": len(t.intermediate_values)}
                for t in trials_in_state(study, optuna.trial.TrialState.RUNNING)]
-    best = _best_or_none(study)
+    best = objectives.best(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)),
+                           spec.objectives)
     return {"name": name, "spec": spec, "counts": counts, "finished": counts.get("COMPLETE", 0)
             + counts.get("PRUNED", 0), "budget": spec.n_trials, "running": running,
             "best": None if best is None else {"number": best.number, "value": best.value,
                                                "params": best.params, "user_attrs": best.user_attrs}}
 
 
-def _best_or_none(study: optuna.Study):
-    try:
-        return study.best_trial
-    except ValueError:
-        return None
-
-
-def ranked(trials, direction: str) -> list:
-    """The completed trials, best first (ties keep trial order)."""
-    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
-    return sorted(done, key=lambda t: t.value, reverse=direction == "maximize")
-
-
-def best_trial(name: str, url: str | None = None, number: int | None = None, rank: int = 1):
+def best_trial(name: str, store: Store | str | None = None, number: int | None = None, rank: int = 1):
     """(study, spec, trial): the best completed trial (the `rank`-th best), or trial `number`."""
-    study, spec = load(name, url, heartbeat_interval=None)
-    if number is None and rank == 1:
-        trial = _best_or_none(study)
-        if trial is None:
-            raise StudyError(f"study {name!r} has no finished trial yet")
-        return study, spec, trial
+    study, spec = load(name, store, heartbeat_interval=None)
     if number is None:
-        done = ranked(study.get_trials(deepcopy=False), spec.direction)
+        done = objectives.ranked(study.get_trials(deepcopy=False), spec.objectives)
+        if not done:
+            raise StudyError(f"study {name!r} has no finished trial yet")
         if rank < 1 or rank > len(done):
             raise StudyError(f"--rank {rank}: study {name!r} has {len(done)} completed trials")
         return study, spec, done[rank - 1]
@@ -163,6 +146,7 @@ def best_trial(name: str, url: str | None = None, number: int | None = None, ran
     return study, spec, matches[0]
 
 
-def delete(name: str, url: str | None = None) -> None:
-    load(name, url, heartbeat_interval=None)  # same "no study named" error as everywhere
-    optuna.delete_study(study_name=name, storage=open_storage(url, heartbeat_interval=None))
+def delete(name: str, store: Store | str | None = None) -> None:
+    store = open_store(store, heartbeat_interval=None)
+    load(name, store)  # same "no study named" error as everywhere
+    optuna.delete_study(study_name=name, storage=store.storage)

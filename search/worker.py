@@ -1,4 +1,4 @@
-"""Workers: pull trials from the shared study until its global budget or timeout; launch many.
+"""Workers: pull trials from the shared study until its global budget or timeout.
 
 A worker exits only when the study has its budget of finished (complete + pruned) trials, or
 its timeout has passed. While the remaining slots are held by other workers' running trials it
@@ -14,13 +14,10 @@ import logging
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import optuna
 from optuna.trial import TrialState
@@ -29,7 +26,8 @@ from search import spec as spec_mod
 from search import study as study_mod
 from search.engine import resolve_device
 from search.objective import OverBudget, make_objective
-from search.storage import Reconnect, connection_problem, count_trials, mask_text, requeue, storage_url
+from search.storage import (OPTIMIZE_LOGGER, Reconnect, Store, connection_problem, count_trials, mask_text,
+                            open_store, requeue, storage_of, stored_trial, trial_id)
 
 POLL_SECONDS = 2.0
 MAX_CRASHES_IN_A_ROW = 5  # a space where every trial crashes is a bug to fix, not to loop on
@@ -84,7 +82,7 @@ class _OverBudgetLog(logging.Filter):
         return not (number and number.group(1) in self.numbers and "failed with value" in str(record.msg))
 
 
-logging.getLogger("optuna.study._optimize").addFilter(_OverBudgetLog())
+logging.getLogger(OPTIMIZE_LOGGER).addFilter(_OverBudgetLog())
 
 _DATABASE_MODULES = ("sqlalchemy.", "optuna.storages.", "psycopg.", "sqlite3.")
 _pending: list[int] = []  # a signal waiting for the main thread to leave a database call
@@ -122,7 +120,7 @@ def _guarded(objective):
     (a signal, a lost database, a stale-check takeover) into `_Abandoned`."""
 
     def run(trial: optuna.Trial) -> float:
-        run.trial_id = trial._trial_id
+        run.trial_id = trial_id(trial)
         try:
             value = objective(trial)
         except KeyboardInterrupt as exc:
@@ -134,7 +132,7 @@ def _guarded(objective):
             if outage is not None:
                 raise _Abandoned("outage", outage) from exc
             raise
-        if trial.study._storage.get_trial(trial._trial_id).state.is_finished():
+        if stored_trial(trial).state.is_finished():
             raise _Abandoned("stale", "failed as stale by another worker")
         return value
 
@@ -147,7 +145,7 @@ def _settle(study: optuna.Study, trial_id: int | None, reason: str) -> None:
     queueing it again once like a dead worker's: an interrupted or cut-off trial (say the
     enqueued baseline) is not lost. The retry is queued first, so that at no moment does the
     trial's slot look free to a worker about to start a new trial."""
-    storage = study._storage
+    storage = storage_of(study)
     if trial_id is None or storage.get_trial(trial_id).state != TrialState.RUNNING:
         return
     retry_id = None
@@ -162,7 +160,7 @@ def _settle(study: optuna.Study, trial_id: int | None, reason: str) -> None:
             storage.set_trial_state_values(retry_id, state=TrialState.FAIL)
 
 
-def run_worker(name: str, url: str | None = None, *, device: str = "auto", seed_offset: int | None = None,
+def run_worker(name: str, store: Store | str | None = None, *, device: str = "auto", seed_offset: int | None = None,
                on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
                on_epoch=None, heartbeat_interval: int | None = None,
                grace_period: int | None = None, reconnect_for: float = RECONNECT_FOR,
@@ -171,12 +169,13 @@ def run_worker(name: str, url: str | None = None, *, device: str = "auto", seed_
 
     Args:
         name: the study (created with `cnnsearch create`).
-        url: storage URL (None -> $CNNSEARCH_STORAGE -> SQLite file here).
+        store: the opened storage, or its URL (None -> $CNNSEARCH_STORAGE -> SQLite file here).
         device: this worker's training device.
         seed_offset: added to the sampler's seed so workers explore differently (default: pid).
         on_trial: called as on_trial(study, trial) after each trial of this worker.
         on_epoch: progress hook (trial number, epoch, metrics).
-        heartbeat_interval, grace_period: override the storage defaults (seconds).
+        heartbeat_interval, grace_period: override the storage defaults (seconds) when `store`
+            is a URL; an opened Store keeps its own.
         reconnect_for: how long to keep retrying when the database goes away mid-run (seconds).
         on_outage: called as on_outage(reason, seconds waited so far) before each reconnect wait.
 
@@ -185,11 +184,12 @@ def run_worker(name: str, url: str | None = None, *, device: str = "auto", seed_
             reason "interrupted") and queued again once.
         StorageError: the database stayed unreachable for `reconnect_for` seconds.
     """
-    url = storage_url(url)
     resolve_device(device)  # a bad or absent device is one error now, not a crash in every trial
     kwargs = {k: v for k, v in (("heartbeat_interval", heartbeat_interval),
                                 ("grace_period", grace_period)) if v}
-    study, spec = study_mod.load(name, url, **kwargs)
+    store = open_store(store, **kwargs)
+    url = store.url
+    study, spec = study_mod.load(name, store)
     offset = os.getpid() if seed_offset is None else seed_offset
     study.sampler = spec_mod.make_sampler(spec, seed_offset=offset)
     study.pruner = spec_mod.make_pruner(spec)
@@ -281,83 +281,3 @@ def _main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
-
-
-def visible_gpus(gpus: str) -> list[str]:
-    """`all` -> every CUDA device index; `0,2` -> those. Raises ValueError on a bad list."""
-    if gpus == "all":
-        import torch
-
-        return [str(i) for i in range(torch.cuda.device_count())]
-    ids = [g.strip() for g in gpus.split(",") if g.strip()]
-    if not ids or not all(g.isdigit() for g in ids):
-        raise ValueError(f"--gpus: expected 'all' or a list like 0,1, got {gpus!r}")
-    return ids
-
-
-@dataclass(frozen=True)
-class Slot:
-    device: str
-    env: dict
-    log: Path
-
-
-def plan_slots(gpus: str | None, per_gpu: int, cpus: int | None, log_dir: Path) -> list[Slot]:
-    """One worker per GPU slot (CUDA_VISIBLE_DEVICES), or `cpus` CPU workers sharing the cores
-    with torch threads split between them so the machine is never oversubscribed."""
-    ids = visible_gpus(gpus) if gpus else []
-    if gpus and not ids:
-        raise ValueError("--gpus all: no CUDA device found on this machine; use --cpus N")
-    slots = []
-    if ids:
-        for gpu in ids:
-            for k in range(per_gpu):
-                env = {"CUDA_VISIBLE_DEVICES": gpu}
-                slots.append(Slot("cuda:0", env, log_dir / f"worker-gpu{gpu}-{k}.log"))
-        return slots
-    n = cpus or 1
-    threads = max(1, (os.cpu_count() or 1) // n)
-    for k in range(n):
-        env = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads),
-               "CNNSEARCH_THREADS": str(threads)}
-        slots.append(Slot("cpu", env, log_dir / f"worker-cpu{k}.log"))
-    return slots
-
-
-def launch(name: str, url: str | None, slots: list[Slot], *, worker_args: Sequence[str] = (),
-           on_start: Callable[[int, Slot, int], None] | None = None) -> list[int]:
-    """Start one `cnnsearch worker` process per slot and wait; Ctrl-C/SIGTERM reach every worker.
-
-    Args:
-        worker_args: more `cnnsearch worker` options for every worker (e.g. --heartbeat 5).
-
-    Returns the workers' exit codes.
-    """
-    url = storage_url(url)
-    procs = []
-    for k, slot in enumerate(slots):
-        slot.log.parent.mkdir(parents=True, exist_ok=True)
-        # The URL goes in the environment, not argv: `ps` shows every user a command line.
-        cmd = [sys.executable, "-m", "search.cli", "worker", name,
-               "--device", slot.device, "--quiet", "--seed-offset", str(k), *worker_args]
-        log = open(slot.log, "ab")
-        env = {**os.environ, **slot.env, "CNNSEARCH_STORAGE": url}
-        procs.append(subprocess.Popen(cmd, env=env, stdout=log,
-                                      stderr=subprocess.STDOUT, start_new_session=True))
-        log.close()
-        if on_start:
-            on_start(k, slot, procs[-1].pid)
-
-    def forward(signum, frame):
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signum)
-
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        return [p.wait() for p in procs]
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-
-

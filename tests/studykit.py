@@ -156,3 +156,14 @@ def pg_url():
         with engine.connect() as conn:
             conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
         engine.dispose()
+
+
+def export_best(folder: Path, url: str, name: str = "tiny") -> Path:
+    """`cnnsearch export NAME -o folder/best.json` through the CLI; the file's path."""
+    from typer.testing import CliRunner
+
+    from search.cli import app
+
+    result = CliRunner().invoke(app, ["export", name, "-o", str(folder / "best.json"), "--storage", url])
+    assert result.exit_code == 0, result.output
+    return folder / "best.json"

@@ -50,3 +50,48 @@ def test_train_reads_a_config_file(tmp_path, monkeypatch):
 ])
 def test_bad_input_is_one_line_and_exit_1(args, fragment):
     assert_one_line_error(run(*args), fragment)
+
+
+def test_a_bug_is_a_traceback_with_a_hint_not_a_user_error(tmp_path, monkeypatch):
+    """Only the project's own errors are shown as bad input; a KeyError or ValueError from
+    inside the code is a bug, and hiding its traceback would hide where it is."""
+    from search import study as study_mod
+
+    def broken(*args, **kwargs):
+        raise KeyError("cnnsearch_internal_key")
+
+    monkeypatch.setattr(study_mod, "list_studies", broken)
+    result = run("list", "--storage", f"sqlite:///{tmp_path / 'x.db'}")
+    assert result.exit_code == 70, result.output
+    assert "Traceback" in result.output and "cnnsearch_internal_key" in result.output
+    assert "a bug in cnnsearch, not in your input" in result.output
+    assert "error: " not in result.output
+
+
+def test_a_user_error_raised_anywhere_is_one_line(tmp_path, monkeypatch):
+    from search import study as study_mod
+    from search.errors import StudyError
+
+    def refused(*args, **kwargs):
+        raise StudyError("no study here\nsecond line never shown")
+
+    monkeypatch.setattr(study_mod, "list_studies", refused)
+    assert_one_line_error(run("list", "--storage", f"sqlite:///{tmp_path / 'x.db'}"), "no study here")
+
+
+def test_each_command_opens_its_storage_once(tmp_path, monkeypatch):
+    """One Store per command, passed down: a worker used to open the database three times."""
+    from search import storage
+    from studykit import quick_study
+
+    url = quick_study(tmp_path, "tiny", n_trials=2, run=False)
+    opened = []
+    real = storage.open_storage
+    monkeypatch.setattr(storage, "open_storage", lambda *a, **k: opened.append(a) or real(*a, **k))
+    for args in (["worker", "tiny", "--device", "cpu", "-q"], ["status", "tiny"], ["best", "tiny"],
+                 ["list"], ["export", "tiny", "-o", str(tmp_path / "best.json")],
+                 ["report", "tiny", "-o", str(tmp_path / "r.html")]):
+        opened.clear()
+        result = run(*args, "--storage", url)
+        assert result.exit_code == 0, result.output
+        assert len(opened) == 1, f"{args[0]} opened the storage {len(opened)} times"

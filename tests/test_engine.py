@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
-from search import engine
+from search import datasets, engine
 from search.config import RunConfig
+from search.errors import CheckpointError, DeviceError
 
 SYNTH = {"n": 600, "classes": 4, "channels": 1, "size": 12, "seed": 0}
 
@@ -122,40 +123,185 @@ def test_every_optimizer_trains(optimizer):
     assert math.isfinite(engine.fit(cfg).history[0]["train_loss"])
 
 
-def test_flip_mirrors_about_half_the_batch():
-    torch.manual_seed(0)
-    x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).view(2, 3, 4, 5).repeat(200, 1, 1, 1)
-    y = engine.batch_flip(x)
-    flipped = (y == x.flip(3)).flatten(1).all(1)
-    kept = (y == x).flatten(1).all(1)
-    assert bool((flipped | kept).all()) and 150 < int(flipped.sum()) < 250
-
-
-def test_crop_is_a_shifted_window_of_the_padded_image():
-    torch.manual_seed(0)
-    x = torch.rand(64, 3, 8, 8)
-    y = engine.batch_crop(x, 2)
-    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
-    for i in range(64):
-        windows = [padded[i, :, dy:dy + 8, dx:dx + 8] for dy in range(5) for dx in range(5)]
-        assert any(torch.equal(y[i], w) for w in windows)
-    assert not torch.equal(x, y)
-
-
-def test_erasing_blanks_one_rectangle_within_scale():
-    torch.manual_seed(0)
-    x = torch.ones(256, 3, 32, 32)
-    y = engine.batch_erase(x, p=1.0)
-    zeros = (y == 0).all(1)
-    frac = zeros.flatten(1).float().mean(1)
-    assert bool((frac > 0).all()) and float(frac.max()) <= 0.34
-    rows, cols = zeros.any(2), zeros.any(1)
-    assert bool(((rows.sum(1) * cols.sum(1)) == zeros.flatten(1).sum(1)).all())  # a filled rectangle
-    assert torch.equal(engine.batch_erase(x, p=0.0), x)
-
-
 def test_cuda_request_without_gpu_is_a_clear_error():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    with pytest.raises(ValueError, match="no CUDA device"):
+    with pytest.raises(DeviceError, match="no CUDA device"):
         engine.resolve_device("cuda:0")
+
+
+# --- the training state: epoch-by-epoch training, checkpoints, resume ----------------------------
+
+NET = {"channels": [8, 16], "padding": 1, "fc": [32]}
+REGULARISED = {**NET, "dropout": 0.2, "fc_dropout": 0.3, "batchnorm": True}
+TIMINGS = ("train_seconds", "samples_per_s", "seconds")
+
+
+def on_cpu(cfg: RunConfig):
+    return datasets.to_device(datasets.dataset_for(cfg), "cpu")
+
+
+def untimed(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in h.items() if k not in TIMINGS} for h in history]
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], dict):
+            assert_same_tensors(a[key], b[key])
+        elif isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key
+
+
+def assert_same_run(a: "engine.TrainState", b: "engine.TrainState") -> None:
+    assert_same_tensors(a.model.state_dict(), b.model.state_dict())
+    assert_same_tensors(a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"])
+    assert untimed(a.history) == untimed(b.history)
+    assert (a.epoch, a.best_val_acc, a.best_epoch, a.stop_reason) == (b.epoch, b.best_val_acc, b.best_epoch,
+                                                                     b.stop_reason)
+
+
+RESUMABLE = {
+    # dropout + BatchNorm, augmentation drawing from the global RNG, StepLR (per epoch), SGD momentum
+    "sgd-step": (dict(optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True, scheduler="step", step_size=2,
+                      step_gamma=0.7, flip=True, crop_padding=2, erasing=0.5, model_params=REGULARISED), False),
+    # Adam state, OneCycle (per batch, also cycles Adam's betas), channel dropout
+    "adam-onecycle": (dict(optimizer="adam", scheduler="onecycle", flip=True, crop_padding=1, erasing=0.3,
+                           model_params={**REGULARISED, "dropout2d": True}), False),
+    # cosine (per batch) on train + validation, as the final training runs
+    "adamw-cosine-full": (dict(optimizer="adamw", weight_decay=0.01, scheduler="cosine", erasing=0.5,
+                               model_params=REGULARISED), True),
+}
+
+
+@pytest.mark.parametrize("stop_after", [1, 2])
+@pytest.mark.parametrize("case", list(RESUMABLE))
+def test_resuming_a_saved_state_in_a_fresh_one_is_bitwise_the_uninterrupted_run(tmp_path, case, stop_after):
+    changes, full_train = RESUMABLE[case]
+    cfg = synth_cfg(epochs=3, **changes)
+    ds = on_cpu(cfg)
+    whole = engine.TrainState.start(cfg, ds, full_train=full_train)
+    assert len(list(engine.train_epochs(whole, ds))) == 3 and whole.stop_reason == "finished"
+
+    first = engine.TrainState.start(cfg, ds, full_train=full_train)
+    for metrics in engine.train_epochs(first, ds):
+        if metrics["epoch"] + 1 == stop_after:
+            break
+    torch.save(first.state_dict(), tmp_path / "run.pt")
+    del first
+
+    # As a restarted process: a new state (start() seeds the global RNG), then other global RNG
+    # states, so that only load_state_dict can put back the saved ones.
+    resumed = engine.TrainState.start(cfg, ds, full_train=full_train)
+    torch.manual_seed(1234)
+    torch.rand(100)
+    saved = torch.load(tmp_path / "run.pt", weights_only=True)
+    resumed.load_state_dict(saved)
+    assert torch.equal(torch.get_rng_state(), saved["rng"]["torch_cpu"])
+    assert resumed.epoch == stop_after and resumed.stop_reason is None
+    rest = [m["epoch"] for m in engine.train_epochs(resumed, ds)]
+    assert rest == list(range(stop_after, 3))
+    assert_same_run(resumed, whole)
+    if not full_train:
+        assert resumed.best_epoch >= 0
+
+
+def test_train_epochs_yields_once_per_epoch_and_a_caller_can_stop_and_continue():
+    cfg = synth_cfg(epochs=4, flip=True, erasing=0.5, model_params=REGULARISED)
+    ds = on_cpu(cfg)
+    state = engine.TrainState.start(cfg, ds)
+    for metrics in engine.train_epochs(state, ds):
+        assert metrics is state.history[-1] and state.epoch == metrics["epoch"] + 1
+        if metrics["epoch"] == 1:
+            break
+    assert state.epoch == 2 and state.stop_reason is None
+    torch.rand(1000)  # the caller draws from the global RNG meanwhile: the run owns its streams
+    assert [m["epoch"] for m in engine.train_epochs(state, ds)] == [2, 3]
+    assert state.stop_reason == "finished" and len(state.history) == 4
+    assert list(engine.train_epochs(state, ds)) == []  # a finished run trains no further
+
+    whole = engine.fit(cfg, dataset=ds)
+    assert_same_run(state, whole.state)
+    assert whole.best_val_acc == state.best_val_acc and whole.stop_reason == "finished"
+
+
+def test_the_last_yielded_epoch_already_says_finished():
+    cfg = synth_cfg(epochs=2)
+    ds = on_cpu(cfg)
+    state = engine.TrainState.start(cfg, ds)
+    reasons = [state.stop_reason for _ in engine.train_epochs(state, ds)]
+    assert reasons == [None, "finished"]  # a checkpoint saved after the last epoch is a finished run
+
+
+def test_draws_between_epochs_do_not_shift_training():
+    cfg = synth_cfg(epochs=2, flip=True, crop_padding=1, erasing=0.5, model_params=REGULARISED)
+    quiet = engine.fit(cfg)
+    noisy = engine.fit(cfg, on_epoch=lambda e, m: torch.rand(1000))
+    assert_same_run(quiet.state, noisy.state)
+
+
+def test_fit_continues_a_resumed_state_for_its_remaining_epochs(tmp_path):
+    cfg = synth_cfg(epochs=3, optimizer="sgd", lr=0.05, momentum=0.9, scheduler="onecycle",
+                    flip=True, model_params=REGULARISED)
+    whole = engine.fit(cfg, evaluate_test=True)
+    ds = on_cpu(cfg)
+    state = engine.TrainState.start(cfg, ds)
+    next(engine.train_epochs(state, ds))
+    torch.save(state.state_dict(), tmp_path / "run.pt")
+
+    torch.manual_seed(99)
+    resumed = engine.TrainState.resume(torch.load(tmp_path / "run.pt", weights_only=True), ds)
+    seen = []
+    result = engine.fit(cfg, lambda e, m: seen.append(e), dataset=ds, evaluate_test=True, state=resumed)
+    assert seen == [1, 2] and result.stop_reason == "finished"
+    assert_same_run(result.state, whole.state)
+    assert (result.best_val_acc, result.best_epoch, result.test_acc) == (whole.best_val_acc, whole.best_epoch,
+                                                                         whole.test_acc)
+
+
+def test_state_dict_is_plain_data_that_only_loads_into_the_same_run(tmp_path):
+    cfg = synth_cfg(epochs=2, scheduler="step", step_size=1)
+    ds = on_cpu(cfg)
+    state = engine.TrainState.start(cfg, ds)
+    torch.save(state.state_dict(), tmp_path / "run.pt")
+    saved = torch.load(tmp_path / "run.pt", weights_only=True)  # would refuse a pickled object
+    assert saved["cfg"]["lr"] == cfg.lr and saved["scaler"] is None and saved["progress"]["epoch"] == 0
+
+    with pytest.raises(CheckpointError, match="lr"):
+        engine.TrainState.start(cfg.replace(lr=1e-2), ds).load_state_dict(saved)
+    with pytest.raises(CheckpointError, match="full_train"):
+        engine.TrainState.start(cfg, ds, full_train=True).load_state_dict(saved)
+    engine.TrainState.start(cfg.replace(device="auto", data_dir="/elsewhere"), ds).load_state_dict(saved)
+    with pytest.raises(ValueError, match="another run"):
+        engine.fit(cfg.replace(lr=1e-2), dataset=ds, state=state)
+
+
+def test_a_diverged_epoch_is_recorded_but_not_yielded():
+    cfg = synth_cfg(optimizer="sgd", lr=1e-9, epochs=8, warmup_epochs=2)
+    ds = on_cpu(cfg)
+    state = engine.TrainState.start(cfg, ds)
+    assert [m["epoch"] for m in engine.train_epochs(state, ds)] == [0]
+    assert state.stop_reason.startswith("diverged: validation accuracy") and len(state.history) == 2
+    assert list(engine.train_epochs(state, ds)) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_run_saves_and_restores_its_cuda_rng(tmp_path):
+    cfg = synth_cfg(epochs=2, device="cuda", flip=True, erasing=0.5, model_params=REGULARISED)
+    ds = datasets.to_device(datasets.dataset_for(cfg), "cuda")
+    state = engine.TrainState.start(cfg, ds)
+    next(engine.train_epochs(state, ds))
+    torch.save(state.state_dict(), tmp_path / "run.pt")
+    saved = torch.load(tmp_path / "run.pt", weights_only=True)
+    assert saved["rng"]["torch_cuda"] is not None
+
+    resumed = engine.TrainState.start(cfg, ds)
+    torch.cuda.manual_seed(1234)
+    resumed.load_state_dict(saved)
+    assert torch.equal(torch.cuda.get_rng_state(), saved["rng"]["torch_cuda"])
+    assert [m["epoch"] for m in engine.train_epochs(resumed, ds)] == [1]
+    assert resumed.stop_reason == "finished"  # not bitwise: cuDNN may pick other kernels per process

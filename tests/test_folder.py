@@ -1,4 +1,4 @@
-"""search/folder.py: image folders and zips -> uint8 tensors, split, cache, bad input."""
+"""search/datasets/folder.py: image folders and zips -> uint8 tensors, split, cache, bad input."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from search import folder
-from search.data import DataError
-from search.folder import FolderError, list_folder, load_folder
+from search.datasets import folder
+from search.datasets.folder import FolderError, list_folder, load_folder
+from search.errors import CnnsearchError, DataError
 
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 COLORS = {"cat": (200, 0, 0), "dog": (0, 200, 0), "bird": (0, 0, 200)}  # distinct in gray too
@@ -168,6 +168,23 @@ def test_corrupt_cache_is_ignored_and_rebuilt(tree, tmp_path, decode_calls):
     assert load(tree, tmp_path).skipped == 0 and len(decode_calls) == 2
 
 
+def test_unwritable_cache_warns_and_still_loads(tree, tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder should be")  # works as root too, unlike chmod
+    with pytest.warns(RuntimeWarning, match="could not cache decoded images"):
+        d = load_folder(tree, cache_dir=blocker / "cache")
+    assert len(d.train_x) + len(d.test_x) == 18
+
+    def disk_full(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.warns(RuntimeWarning, match="No space left"):
+        assert len(load(tree, tmp_path).train_x) == len(d.train_x)
+    assert list((tmp_path / "cache").iterdir()) == []  # the half-written file was removed
+
+
 def test_default_cache_dir_comes_from_the_environment(tree, tmp_path, monkeypatch):
     monkeypatch.setenv("CNNSEARCH_CACHE", str(tmp_path / "env"))
     load_folder(tree)
@@ -235,7 +252,7 @@ def test_test_without_train_and_mixed_layouts(tmp_path):
 
 
 def test_bad_arguments(tree):
-    assert issubclass(FolderError, DataError) and issubclass(FolderError, ValueError)
+    assert issubclass(FolderError, DataError) and issubclass(FolderError, CnnsearchError)
     for kw, match in [({"channels": 2}, "channels must be 1"), ({"image_size": 0}, "image_size"),
                       ({"test_fraction": 1.0}, "test_fraction")]:
         with pytest.raises(FolderError, match=match):

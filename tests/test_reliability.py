@@ -536,7 +536,7 @@ optimizer = "adam"
 
 RACER = """
 import pathlib, sys, time
-import models, optuna_dashboard, psycopg, search.cli, search.report  # slow imports before the start line
+import models, optuna_dashboard, psycopg, search.cli, search.dashboard  # slow imports before the start line
 go = pathlib.Path(sys.argv[1])
 pathlib.Path(sys.argv[2]).touch()
 while not go.exists():
@@ -629,7 +629,8 @@ def _dashboard_output(url: str) -> str:
 
 
 def test_checkpoints_load_without_running_pickled_code(tmp_path):
-    from search.export import CheckpointError, load_checkpoint
+    from search.errors import CheckpointError
+    from search.modelfile import load_model_file
 
     marker = tmp_path / "pwned"
 
@@ -639,5 +640,5 @@ def test_checkpoints_load_without_running_pickled_code(tmp_path):
 
     torch.save({"format": "anything", "x": Payload()}, tmp_path / "model.pt")
     with pytest.raises(CheckpointError, match="cannot be loaded safely"):
-        load_checkpoint(tmp_path)
+        load_model_file(tmp_path)
     assert not marker.exists()

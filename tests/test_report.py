@@ -50,7 +50,7 @@ def test_report_cli_writes_one_self_contained_file_with_figures_table_and_config
 
 def test_report_masks_the_storage_password(small):
     _, url = small
-    study, spec = study_mod.load(url=url, name="small", heartbeat_interval=None)
+    study, spec = study_mod.load("small", url, heartbeat_interval=None)
     page = build_report(study, spec, url="postgresql+psycopg://search:hunter2@db.example/cnnsearch").html
     assert "hunter2" not in page and "search:***@db.example" in page
 

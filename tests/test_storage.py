@@ -1,5 +1,6 @@
-"""search.storage's shortcuts around Optuna's RDB storage: TrialCache (how stale a worker's view
-may be, and what is never stale) and the one-statement report (same semantics as Optuna's)."""
+"""search.storage: the Optuna internals it relies on, the Store, and its shortcuts around Optuna's RDB
+storage: TrialCache (how stale a worker's view may be, and what is never stale) and the
+one-statement report (same semantics as Optuna's)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import sqlalchemy
 from optuna.trial import TrialState
 
+from search import storage
 from search.storage import SYNC_SECONDS, TrialCache, open_storage
 from studykit import pg_url  # noqa: F401 (fixture)
 
@@ -85,3 +87,46 @@ def test_reports_keep_optunas_semantics(tmp_path, backend, request):
         storage.set_trial_intermediate_value(trial._trial_id, 5, 0.1)
     with pytest.raises(KeyError):
         storage.set_trial_intermediate_value(10 ** 8, 0, 0.1)
+
+
+def _resolve(dotted: str):
+    """`optuna.storages._cached_storage._CachedStorage` -> that class (None if any part is gone)."""
+    import importlib
+
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            target = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attr in parts[cut:]:
+            target = getattr(target, attr, None)
+        return target
+    return None
+
+
+def test_every_optuna_internal_search_storage_uses_exists(tmp_path):
+    """An Optuna release that renames a private name search/storage.py relies on fails here,
+    by name, instead of in a worker at run time."""
+    store = storage.open_store(f"sqlite:///{tmp_path / 'i.db'}", heartbeat_interval=None)
+    study = optuna.create_study(study_name="i", storage=store.storage)
+    live = {"_CachedStorage": store.storage, "Study": study, "Trial": study.ask()}
+    missing = []
+    for where, name in storage.OPTUNA_INTERNALS:
+        if where == "instance":
+            owner, attr = name.split(".")
+            found = hasattr(live[owner], attr)
+        else:
+            found = hasattr(_resolve(where), name)
+        if not found:
+            missing.append(f"{where}.{name}")
+    assert not missing, (f"search/storage.py uses Optuna internals that optuna {optuna.__version__} lacks: "
+                         f"{', '.join(missing)}; adapt search/storage.py or bound optuna in pyproject.toml")
+
+
+def test_open_store_opens_once_and_masks_the_password(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    store = storage.open_store(url, heartbeat_interval=None)
+    assert storage.open_store(store) is store  # passed down, never reopened
+    assert store.url == url and store.shown == url
+    assert storage.mask_url("postgresql+psycopg://u:pw@h/db") == "postgresql+psycopg://u:***@h/db"

@@ -14,19 +14,17 @@ bilinear resize to image_size x image_size (Pillow's filter antialiases when shr
 are first shrunk by libjpeg's DCT scaling). Big sets decode in a process pool. Tensors are cached
 under cache_dir, $CNNSEARCH_CACHE/folders or ~/.cache/cnnsearch/folders (never in the image
 folder), keyed by path, folder signature and arguments: later trials and workers load in seconds.
+Finding the files, classes and split (nothing decoded) is `_folder_layout.py`'s part.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
+import inspect
 import io
 import json
 import os
-import tempfile
 import warnings
-import zipfile
-import zlib
 from concurrent.futures import ProcessPoolExecutor
 from itertools import repeat
 from pathlib import Path
@@ -36,18 +34,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from search.data import DataError  # data.py imports this module lazily, so no cycle
+from search.errors import CnnsearchError, DataError
+from search.files import write_atomic
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-_KINDS = "PNG, JPEG, BMP or WebP"
-_LAYOUT = "expected <root>/<class>/<image> or <root>/train/<class>/<image> + <root>/test/<class>/<image>"
+from ._folder_layout import (IMAGE_SUFFIXES, FolderError, FolderListing, _check_args, _check_size, _entries,
+                             _open_zip, list_folder)
+from ._registry import REQUIRED, register_dataset
+
+__all__ = ["IMAGE_SUFFIXES", "FolderData", "FolderError", "FolderListing", "list_folder", "load_folder"]
+
 _CACHE_VERSION = 1  # part of the cache key: bump when decoding or the file's contents change
 _POOL_MIN = 2000  # below this many images a process pool costs more (start-up, pickling) than it saves
 _CHUNK = 500  # images per pool task: pickling overhead stays small, work still spreads over cores
-
-
-class FolderError(DataError):
-    """A problem with a user's image folder; the message is one line naming the path."""
 
 
 class FolderData(NamedTuple):
@@ -59,17 +57,6 @@ class FolderData(NamedTuple):
     test_y: torch.Tensor
     classes: tuple[str, ...]
     skipped: int  # unreadable image files left out (only with strict=False)
-
-
-class FolderListing(NamedTuple):
-    """What `load_folder` decodes: file names relative to the folder (or inside the zip), labels."""
-
-    classes: tuple[str, ...]
-    train_files: tuple[str, ...]
-    train_labels: tuple[int, ...]
-    test_files: tuple[str, ...]
-    test_labels: tuple[int, ...]
-    own_split: bool  # True when the folder brings its own train/ and test/
 
 
 def load_folder(path, *, image_size: int = 32, channels: int = 3, test_fraction: float = 0.1,
@@ -123,125 +110,6 @@ def load_folder(path, *, image_size: int = 32, channels: int = 3, test_fraction:
     return data
 
 
-def list_folder(path, *, test_fraction: float = 0.1, split_seed: int = 0) -> FolderListing:
-    """Classes, files and train/test split of a folder or zip, found without decoding an image.
-
-    Arguments and errors as in `load_folder`; files come grouped by class, each group sorted.
-    """
-    root = _check_args(path, 1, 1, test_fraction)
-    images, dirs = _entries(root)
-    if not images:
-        raise FolderError(f"{root} contains no image files ({_KINDS})")
-    wrap = _wrapper(images)
-    tops = {d[len(wrap):] for d in dirs if d.startswith(wrap) and "/" not in d[len(wrap):]}
-    if {"train", "test"} & tops:
-        others = sorted({p[len(wrap):].split("/")[0] for p in images if p[len(wrap):].count("/")}
-                        - {"train", "test"})
-        if others:
-            raise FolderError(f"{root} has {others[0]}/ beside train/ and test/; {_LAYOUT}")
-        if "train" not in tops:
-            raise FolderError(f"{root} has test/ but no train/; {_LAYOUT}")
-        train = _by_class(root, images, dirs, wrap + "train/")
-        test = _by_class(root, images, dirs, wrap + "test/") if "test" in tops else None
-    else:
-        train, test = _by_class(root, images, dirs, wrap), None
-    if len(train) < 2:
-        raise FolderError(f"{root} has only one class folder ({next(iter(train))}); {_LAYOUT}")
-    if test is not None:
-        extra = sorted(set(test) - set(train))
-        if extra:
-            raise FolderError(f"{root} has test/{extra[0]} but no train/{extra[0]}")
-    else:
-        train, test = _stratified_split(train, test_fraction, split_seed)
-    classes, columns = tuple(sorted(train)), []
-    for split in (train, test):
-        pairs = [(f, y) for y, c in enumerate(classes) for f in sorted(split.get(c, ()))]
-        columns += [tuple(f for f, _ in pairs), tuple(y for _, y in pairs)]
-    return FolderListing(classes, *columns, own_split="test" in tops)
-
-
-def _check_args(path, image_size, channels, test_fraction) -> Path:
-    if channels not in (1, 3):
-        raise FolderError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
-    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
-        raise FolderError(f"image_size must be a positive integer, got {image_size!r}")
-    if not 0 < test_fraction < 1:
-        raise FolderError(f"test_fraction must be between 0 and 1 (exclusive), got {test_fraction!r}")
-    root = Path(path).expanduser().resolve()
-    if not root.exists():
-        raise FolderError(f"image folder {root} does not exist")
-    if not (root.is_dir() or zipfile.is_zipfile(root)):
-        raise FolderError(f"{root} is neither a directory nor a readable .zip file")
-    return root
-
-
-def _junk(name: str) -> bool:
-    return name.startswith(".") or name == "__MACOSX"
-
-
-def _entries(root: Path) -> tuple[list[str], set[str]]:
-    """Image files and folders below root (posix, relative), hidden files and __MACOSX left out."""
-    files, dirs = [], set()
-    if root.is_dir():
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            rel = Path(dirpath).relative_to(root).as_posix()
-            prefix = "" if rel == "." else rel + "/"
-            dirnames[:] = [d for d in dirnames if not _junk(d)]
-            dirs.update(prefix + d for d in dirnames)
-            files += [prefix + f for f in filenames if not _junk(f)]
-    else:
-        for name in _open_zip(str(root)).namelist():
-            if any(_junk(part) for part in name.split("/")):
-                continue
-            if name.endswith("/"):
-                dirs.add(name.rstrip("/"))
-            else:
-                files.append(name)
-    # parents of non-image files count too: a class folder holding only notes.txt has no images
-    for f in files:
-        parts = f.split("/")
-        dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
-    return sorted(f for f in files if f.lower().endswith(IMAGE_SUFFIXES)), dirs
-
-
-def _wrapper(images: list[str]) -> str:
-    """The one top-level folder every image sits in (``myset/``), or "" when there is none."""
-    tops = {p.split("/", 1)[0] for p in images}
-    if len(tops) == 1 and all(p.count("/") >= 2 for p in images) and tops.isdisjoint({"train", "test"}):
-        return tops.pop() + "/"
-    return ""
-
-
-def _by_class(root: Path, images: list[str], dirs: set[str], prefix: str) -> dict[str, list[str]]:
-    depth = prefix.count("/")
-    found: dict[str, list[str]] = {}
-    for p in images:
-        parts = p.split("/")
-        if p.startswith(prefix) and len(parts) >= depth + 2:
-            found.setdefault(parts[depth], []).append(p)
-    for d in sorted(dirs):
-        if d.startswith(prefix) and d.count("/") == depth and d[len(prefix):] not in found:
-            raise FolderError(f"class folder {root}/{d} contains no images ({_KINDS})")
-    if not found:
-        where = f"{root}/{prefix}".rstrip("/")
-        raise FolderError(f"{where} has no class folders with images; {_LAYOUT}")
-    return found
-
-
-def _stratified_split(by_class: dict[str, list[str]], fraction: float, seed: int):
-    train, test = {}, {}
-    for c, files in by_class.items():
-        files = sorted(files)
-        # every class with 2+ images lands in both splits, however small test_fraction is
-        k = min(len(files) - 1, max(1, round(len(files) * fraction)))
-        # seeded per class, so adding a class leaves the other classes' splits as they were
-        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(c.encode()))
-        order = torch.randperm(len(files), generator=g).tolist()
-        test[c] = [files[i] for i in order[:k]]
-        train[c] = [files[i] for i in order[k:]]
-    return train, test
-
-
 def _signature(root: Path) -> str:
     """Cheap fingerprint that changes when images are added, removed, replaced or touched."""
     if not root.is_dir():
@@ -276,20 +144,12 @@ def _read_cache(file: Path) -> FolderData | None:
 
 
 def _write_cache(file: Path, data: FolderData) -> None:
-    """Write to a temp file in the cache dir, then rename: readers never see a half-written cache."""
-    tmp = None
+    """Write the cache atomically; a read-only cache dir slows later loads but must not fail this one."""
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.stem + ".", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            torch.save({**data._asdict(), "classes": list(data.classes)}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, file)
-    except OSError as e:  # a read-only cache dir slows later loads but must not fail this one
+        write_atomic(file, lambda f: torch.save({**data._asdict(), "classes": list(data.classes)}, f))
+    except (OSError, CnnsearchError) as e:  # CnnsearchError: the cache path is a directory
         warnings.warn(f"could not cache decoded images at {file}: {e}", RuntimeWarning, stacklevel=3)
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
 
 
 def _decode_all(root: Path, names: list[str], size: int, channels: int, workers: int | None):
@@ -307,18 +167,6 @@ def _decode_all(root: Path, names: list[str], size: int, channels: int, workers:
             out[s:s + len(arr)] = arr
             bad += [(s + i, reason) for i, reason in errors]
     return out, bad
-
-
-def _open_zip(path: str) -> zipfile.ZipFile:
-    st = os.stat(path)  # a replaced zip is opened afresh; a forked worker must not share the
-    # parent's file offset, so it opens its own
-    return _open_zip_cached(path, st.st_size, st.st_mtime_ns, os.getpid())
-
-
-@functools.lru_cache(maxsize=1)
-def _open_zip_cached(path: str, size: int, mtime_ns: int, pid: int) -> zipfile.ZipFile:
-    # the central directory (60k entries for CIFAR-10) is read once per process, not once per chunk
-    return zipfile.ZipFile(path)
 
 
 def _decode_chunk(root: str, names: list[str], size: int, channels: int):
@@ -350,3 +198,27 @@ def _decode_one(data: bytes, size: int, channels: int) -> np.ndarray:
         img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BILINEAR)
     arr = np.asarray(img)
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+
+
+def _check_options(options: dict) -> dict:
+    if "path" not in options:
+        raise DataError("options.path: the folder dataset needs the image folder's path")
+    _check_size(options["image_size"], options["channels"])  # describe's shape must not be nonsense
+    return options
+
+
+def _num_classes(options: dict, root) -> int:
+    listing = list_folder(options["path"], test_fraction=options["test_fraction"], split_seed=options["split_seed"])
+    return len(listing.classes)
+
+
+# Options are load_folder's keyword arguments, so the two cannot drift apart.
+_OPTIONS = {name: REQUIRED if name == "path" else p.default
+            for name, p in inspect.signature(load_folder).parameters.items()}
+
+
+@register_dataset("folder", options=_OPTIONS, check=_check_options, path_options=("path",),
+                  shape=lambda o: (o["channels"], o["image_size"], o["image_size"]), classes=_num_classes)
+def _load_folder(root, download, options):
+    data = load_folder(**options)  # looked up at call time, so tests can stand in for it
+    return data.train_x, data.train_y, data.test_x, data.test_y, tuple(data.classes), data.skipped

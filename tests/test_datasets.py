@@ -1,3 +1,5 @@
+"""search/datasets: loading by name, splits, subsets, caches, device copies and the registry."""
+
 import json
 import gzip
 import struct
@@ -10,7 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from search import data
+from search import datasets
+from search.datasets import _common
+from search.datasets import folder as folder_module
+from search.datasets import mnist as mnist_module
 from search.config import RunConfig
 
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -21,9 +26,9 @@ MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-image
 
 @pytest.fixture(autouse=True)
 def fresh_cache():
-    data.clear_cache()
+    datasets.clear_cache()
     yield
-    data.clear_cache()
+    datasets.clear_cache()
 
 
 @pytest.fixture
@@ -54,7 +59,7 @@ def write_idx(path: Path, t: torch.Tensor) -> None:
 
 
 def test_digits_shapes_dtypes_and_pixel_range():
-    ds = data.load_dataset("digits")
+    ds = datasets.load_dataset("digits")
     assert ds.in_shape == (1, 8, 8) and ds.num_classes == 10
     assert (len(ds.train_y), len(ds.val_y), len(ds.test_y)) == (1294, 144, 359)
     for x, y in ((ds.train_x, ds.train_y), (ds.val_x, ds.val_y), (ds.test_x, ds.test_y)):
@@ -68,7 +73,7 @@ def test_digits_shapes_dtypes_and_pixel_range():
 def test_digits_splits_partition_all_1797_images():
     from sklearn.datasets import load_digits
 
-    ds = data.load_dataset("digits")
+    ds = datasets.load_dataset("digits")
     every = torch.cat([ds.train_x, ds.val_x, ds.test_x]).flatten(1)
     expected = torch.from_numpy(load_digits().images).mul(255 / 16).round().to(torch.uint8).flatten(1)
     assert sorted(map(bytes, every.numpy())) == sorted(map(bytes, expected.numpy()))
@@ -77,9 +82,9 @@ def test_digits_splits_partition_all_1797_images():
 def test_split_val_is_deterministic_stratified_and_disjoint():
     y = torch.arange(1000) % 7
     x = torch.arange(1000)  # images stand-in: each "image" is its own index
-    tr_x, tr_y, va_x, va_y = data.split_val(x, y, 0.2, seed=3)
-    again = data.split_val(x, y, 0.2, seed=3)
-    other = data.split_val(x, y, 0.2, seed=4)
+    tr_x, tr_y, va_x, va_y = datasets.split_val(x, y, 0.2, seed=3)
+    again = datasets.split_val(x, y, 0.2, seed=3)
+    other = datasets.split_val(x, y, 0.2, seed=4)
     assert torch.equal(va_x, again[2]) and torch.equal(tr_x, again[0])
     assert not torch.equal(va_x, other[2])
     assert len(va_x) == 200 and len(tr_x) == 800
@@ -90,32 +95,32 @@ def test_split_val_is_deterministic_stratified_and_disjoint():
 
 
 def test_val_fraction_bounds():
-    assert len(data.load_dataset("digits", val_fraction=0.0).val_y) == 0
-    with pytest.raises(data.DataError, match="val_fraction"):
-        data.load_dataset("digits", val_fraction=1.0)
+    assert len(datasets.load_dataset("digits", val_fraction=0.0).val_y) == 0
+    with pytest.raises(datasets.DataError, match="val_fraction"):
+        datasets.load_dataset("digits", val_fraction=1.0)
 
 
 def test_subset_keeps_val_and_test_fixed():
-    full = data.load_dataset("digits")
-    small = data.load_dataset("digits", subset=100)
+    full = datasets.load_dataset("digits")
+    small = datasets.load_dataset("digits", subset=100)
     assert len(small.train_y) == 100
     assert torch.equal(small.val_x, full.val_x) and torch.equal(small.test_x, full.test_x)
     counts = torch.bincount(small.train_y, minlength=10)
     assert counts.min() >= 9 and counts.max() <= 11  # stratified: about 10 per class
-    data.clear_cache()
-    assert torch.equal(data.load_dataset("digits", subset=100).train_x, small.train_x)
+    datasets.clear_cache()
+    assert torch.equal(datasets.load_dataset("digits", subset=100).train_x, small.train_x)
 
 
 @pytest.mark.parametrize("subset", [0, -5, 10_000, True])
 def test_bad_subset_names_the_option(subset):
-    with pytest.raises(data.DataError, match="^subset"):
-        data.load_dataset("digits", subset=subset)
+    with pytest.raises(datasets.DataError, match="^subset"):
+        datasets.load_dataset("digits", subset=subset)
 
 
 @pytest.mark.parametrize("channels,size,classes", [(1, 8, 2), (3, 32, 10), (4, 12, 5)])
 def test_synthetic_shapes(channels, size, classes):
     opts = {"n": 300, "classes": classes, "channels": channels, "size": size}
-    ds = data.load_dataset("synthetic", options=opts)
+    ds = datasets.load_dataset("synthetic", options=opts)
     assert ds.in_shape == (channels, size, size) and ds.num_classes == classes
     assert len(ds.train_y) + len(ds.val_y) == 300 and len(ds.test_y) == 60
     assert ds.train_x.dtype == torch.uint8 and ds.train_y.dtype == torch.int64
@@ -123,8 +128,8 @@ def test_synthetic_shapes(channels, size, classes):
 
 
 def test_synthetic_depends_on_seed():
-    a = data.load_dataset("synthetic", options={"n": 50, "seed": 1})
-    b = data.load_dataset("synthetic", options={"n": 50, "seed": 2})
+    a = datasets.load_dataset("synthetic", options={"n": 50, "seed": 1})
+    b = datasets.load_dataset("synthetic", options={"n": 50, "seed": 2})
     assert not torch.equal(a.train_x, b.train_x)
 
 
@@ -139,7 +144,7 @@ def one_thread():
 
 def test_synthetic_is_learnable_by_a_small_cnn(one_thread):
     torch.manual_seed(0)
-    ds = data.load_dataset("synthetic")
+    ds = datasets.load_dataset("synthetic")
     mean, std = torch.tensor(ds.mean).view(1, -1, 1, 1), torch.tensor(ds.std).view(1, -1, 1, 1)
     norm = lambda x: (x.float() / 255 - mean) / std  # noqa: E731
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
@@ -157,23 +162,23 @@ def test_synthetic_is_learnable_by_a_small_cnn(one_thread):
 @pytest.mark.parametrize("options,key", [({"size": 0}, "options.size"), ({"colour": 1}, "'colour'"),
                                          ({"n": True}, "options.n"), ({"classes": 1}, "options.classes")])
 def test_bad_synthetic_options_name_the_option(options, key):
-    with pytest.raises(data.DataError, match=key):
-        data.load_dataset("synthetic", options=options)
+    with pytest.raises(datasets.DataError, match=key):
+        datasets.load_dataset("synthetic", options=options)
 
 
 def test_unknown_dataset_lists_valid_names():
-    with pytest.raises(data.DataError, match="unknown dataset 'imagenet'.*digits, synthetic, mnist"):
-        data.load_dataset("imagenet")
+    with pytest.raises(datasets.DataError, match="unknown dataset 'imagenet'.*digits, synthetic, mnist"):
+        datasets.load_dataset("imagenet")
 
 
 def test_options_on_a_dataset_without_options_is_an_error():
-    with pytest.raises(data.DataError, match="digits takes no options"):
-        data.load_dataset("digits", options={"size": 8})
+    with pytest.raises(datasets.DataError, match="digits takes no options"):
+        datasets.load_dataset("digits", options={"size": 8})
 
 
 def test_real_mnist_from_the_shared_folder(mnist_dir):
     before = listing(mnist_dir)
-    ds = data.load_dataset("mnist", data_dir=mnist_dir)
+    ds = datasets.load_dataset("mnist", data_dir=mnist_dir)
     assert len(ds.train_y) + len(ds.val_y) == 60000 and len(ds.val_y) == 6000
     assert len(ds.test_y) == 10000 and ds.in_shape == (1, 28, 28) and ds.num_classes == 10
     assert ds.train_x.dtype == ds.test_x.dtype == torch.uint8 and ds.train_y.dtype == torch.int64
@@ -181,7 +186,7 @@ def test_real_mnist_from_the_shared_folder(mnist_dir):
     assert torch.bincount(ds.test_y).tolist() == MNIST_TEST_COUNTS
     assert ds.test_y[:5].tolist() == [7, 2, 1, 0, 4]  # the official test order
     # Decoded pixels reproduce the published statistics the dataset reports.
-    mean, std = data._channel_stats(torch.cat([ds.train_x, ds.val_x]))
+    mean, std = _common._channel_stats(torch.cat([ds.train_x, ds.val_x]))
     assert ds.mean == mean == (0.1307,) and ds.std == std == (0.3081,)
     assert listing(mnist_dir) == before
 
@@ -189,12 +194,12 @@ def test_real_mnist_from_the_shared_folder(mnist_dir):
 def test_loaded_once_per_process_and_nothing_written_to_data_dir(mnist_links, monkeypatch):
     before = listing(mnist_links)
     reads = []
-    real = data._read_idx
-    monkeypatch.setattr(data, "_read_idx", lambda path: reads.append(path) or real(path))
-    first = data.load_dataset("mnist", data_dir=str(mnist_links))
+    real = mnist_module._read_idx
+    monkeypatch.setattr(mnist_module, "_read_idx", lambda path: reads.append(path) or real(path))
+    first = datasets.load_dataset("mnist", data_dir=str(mnist_links))
     assert len(reads) == 4
-    assert data.load_dataset("mnist", data_dir=mnist_links) is first
-    other_split = data.load_dataset("mnist", data_dir=mnist_links, val_seed=1, subset=1000)
+    assert datasets.load_dataset("mnist", data_dir=mnist_links) is first
+    other_split = datasets.load_dataset("mnist", data_dir=mnist_links, val_seed=1, subset=1000)
     assert other_split is not first and len(other_split.train_y) == 1000
     assert len(reads) == 4  # a different split or subset reuses the files already read
     assert listing(mnist_links) == before  # read straight from the .gz files: no unpacking, no cache files
@@ -203,18 +208,18 @@ def test_loaded_once_per_process_and_nothing_written_to_data_dir(mnist_links, mo
 def test_data_dir_comes_from_argument_then_environment_then_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("CNNSEARCH_DATA", raising=False)
-    assert data.resolve_data_dir(None) == tmp_path / "data"
+    assert datasets.resolve_data_dir(None) == tmp_path / "data"
     monkeypatch.setenv("CNNSEARCH_DATA", str(tmp_path / "env"))
-    assert data.resolve_data_dir(None) == tmp_path / "env"
-    assert data.resolve_data_dir(tmp_path / "arg") == tmp_path / "arg"
+    assert datasets.resolve_data_dir(None) == tmp_path / "env"
+    assert datasets.resolve_data_dir(tmp_path / "arg") == tmp_path / "arg"
 
 
 @pytest.mark.parametrize("name,looked_for", [("mnist", "MNIST/raw/train-images-idx3-ubyte"),
                                              ("fashion_mnist", "FashionMNIST/raw/train-images-idx3-ubyte"),
                                              ("cifar10", "cifar-10-batches-py/data_batch_1")])
 def test_missing_dataset_says_where_it_looked_and_how_to_fix(tmp_path, name, looked_for):
-    with pytest.raises(data.DatasetNotFound) as err:
-        data.load_dataset(name, data_dir=tmp_path)
+    with pytest.raises(datasets.DatasetNotFound) as err:
+        datasets.load_dataset(name, data_dir=tmp_path)
     message = str(err.value)
     assert "\n" not in message
     assert str(tmp_path) in message and looked_for in message
@@ -230,7 +235,7 @@ def test_fashion_mnist_reads_unpacked_idx_files(tmp_path):
     for split, y in labels.items():
         write_idx(raw / f"{split}-images-idx3-ubyte", torch.randint(0, 256, (len(y), 28, 28), generator=gen))
         write_idx(raw / f"{split}-labels-idx1-ubyte", y)
-    ds = data.load_dataset("fashion_mnist", data_dir=tmp_path, val_fraction=0.25)
+    ds = datasets.load_dataset("fashion_mnist", data_dir=tmp_path, val_fraction=0.25)
     assert (len(ds.train_y), len(ds.val_y), len(ds.test_y)) == (30, 10, 20)
     assert ds.classes[0] == "T-shirt/top" and ds.mean == (0.2860,)
     assert torch.equal(ds.test_y, labels["t10k"])
@@ -255,7 +260,7 @@ def test_download_fetches_mnist_with_torchvision_then_reads_it(tmp_path, monkeyp
                 write_idx(raw / f"{split}-labels-idx1-ubyte", torch.arange(n) % 10)
 
     fake_torchvision(monkeypatch, MNIST=FakeMNIST)
-    ds = data.load_dataset("mnist", data_dir=tmp_path, download=True)
+    ds = datasets.load_dataset("mnist", data_dir=tmp_path, download=True)
     assert calls[0] == (str(tmp_path), True, True)
     assert (len(ds.train_y) + len(ds.val_y), len(ds.test_y)) == (30, 10)
 
@@ -266,8 +271,8 @@ def test_failed_download_is_a_one_line_error(tmp_path, monkeypatch):
             raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried mirrors, all failed")
 
     fake_torchvision(monkeypatch, MNIST=Offline)
-    with pytest.raises(data.DataError, match="mnist: torchvision could not download") as err:
-        data.load_dataset("mnist", data_dir=tmp_path, download=True)
+    with pytest.raises(datasets.DataError, match="mnist: torchvision could not download") as err:
+        datasets.load_dataset("mnist", data_dir=tmp_path, download=True)
     assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)
 
 
@@ -287,7 +292,7 @@ def test_cifar10_is_converted_from_nhwc_to_nchw(tmp_path, monkeypatch):
             self.targets = [i % 10 for i in range(n)]
 
     fake_torchvision(monkeypatch, CIFAR10=FakeCIFAR10)
-    ds = data.load_dataset("cifar10", data_dir=tmp_path, val_fraction=0.2)
+    ds = datasets.load_dataset("cifar10", data_dir=tmp_path, val_fraction=0.2)
     assert ds.in_shape == (3, 32, 32) and ds.classes[-1] == "truck" and len(ds.mean) == 3
     assert (len(ds.train_y), len(ds.val_y), len(ds.test_y)) == (40, 10, 20)
     expected = torch.from_numpy(FakeCIFAR10(None, False, False).data)
@@ -298,31 +303,31 @@ def test_corrupted_idx_file_is_a_one_line_error(mnist_links):
     target = mnist_links / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz"
     target.unlink()
     target.write_bytes(gzip.compress(b"\x00\x00\x08\x03" + struct.pack(">3I", 10000, 28, 28) + b"\x00" * 100))
-    with pytest.raises(data.DataError, match="t10k-images-idx3-ubyte.gz is not a uint8 IDX file"):
-        data.load_dataset("mnist", data_dir=mnist_links)
+    with pytest.raises(datasets.DataError, match="t10k-images-idx3-ubyte.gz is not a uint8 IDX file"):
+        datasets.load_dataset("mnist", data_dir=mnist_links)
 
 
 def test_to_device_moves_once_and_reuses_the_copy():
-    ds = data.load_dataset("digits")
-    assert data.to_device(ds, "cpu") is ds
-    moved = data.to_device(ds, "meta")  # a real move without a GPU
+    ds = datasets.load_dataset("digits")
+    assert datasets.to_device(ds, "cpu") is ds
+    moved = datasets.to_device(ds, "meta")  # a real move without a GPU
     assert moved is not ds and moved.train_x.device.type == "meta" and moved.test_y.device.type == "meta"
     assert (moved.mean, moved.std, moved.classes, moved.in_shape) == (ds.mean, ds.std, ds.classes, ds.in_shape)
-    assert data.to_device(ds, torch.device("meta")) is moved
+    assert datasets.to_device(ds, torch.device("meta")) is moved
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_to_device_cuda_aliases_share_one_copy():
-    ds = data.load_dataset("digits")
-    moved = data.to_device(ds, "cuda")
-    assert moved.train_x.is_cuda and data.to_device(ds, "cuda:0") is moved
+    ds = datasets.load_dataset("digits")
+    moved = datasets.to_device(ds, "cuda")
+    assert moved.train_x.is_cuda and datasets.to_device(ds, "cuda:0") is moved
 
 
 def test_dataset_for_reads_the_run_config():
     cfg = RunConfig(dataset="synthetic", data_options={"n": 200, "classes": 4}, val_fraction=0.2, subset=100)
-    ds = data.dataset_for(cfg)
-    assert ds is data.load_dataset("synthetic", options={"classes": 4, "n": 200}, val_fraction=0.2, subset=100)
+    ds = datasets.dataset_for(cfg)
+    assert ds is datasets.load_dataset("synthetic", options={"classes": 4, "n": 200}, val_fraction=0.2, subset=100)
     assert (len(ds.train_y), len(ds.val_y), ds.num_classes) == (100, 40, 4)
 
 
@@ -331,7 +336,7 @@ FakeFolderData = namedtuple("FakeFolderData", "train_x train_y test_x test_y cla
 
 @pytest.fixture
 def fake_folder(monkeypatch):
-    """Stands in for search.folder, so dispatch is tested whatever state that module is in."""
+    """Stands in for load_folder, so dispatch is tested apart from decoding (test_folder.py's part)."""
     calls = []
 
     def load_folder(path, *, image_size=32, channels=3, test_fraction=0.1, split_seed=0, strict=False,
@@ -342,27 +347,27 @@ def fake_folder(monkeypatch):
         y = torch.arange(60) % 3
         return FakeFolderData(x[:50], y[:50], x[50:], y[50:], ["cat", "dog", "owl"], [])
 
-    monkeypatch.setitem(sys.modules, "search.folder", types.SimpleNamespace(load_folder=load_folder))
+    monkeypatch.setattr(folder_module, "load_folder", load_folder)
     return calls
 
 
 def test_folder_dispatches_options_and_carves_val(fake_folder):
-    ds = data.load_dataset("folder", options={"path": "pics", "image_size": 16})
+    ds = datasets.load_dataset("folder", options={"path": "pics", "image_size": 16})
     assert fake_folder == [("pics", 16)]
     assert (len(ds.train_y), len(ds.val_y), len(ds.test_y)) == (45, 5, 10)
     assert ds.classes == ("cat", "dog", "owl") and ds.in_shape == (3, 16, 16)
-    assert ds.mean == data._channel_stats(ds.train_x)[0] and len(ds.std) == 3
+    assert ds.mean == _common._channel_stats(ds.train_x)[0] and len(ds.std) == 3
 
 
 @pytest.mark.parametrize("options,key", [({"image_size": 16}, "options.path"),
                                          ({"path": "pics", "size": 16}, "'size'")])
 def test_bad_folder_options_name_the_option(fake_folder, options, key):
-    with pytest.raises(data.DataError, match=key):
-        data.load_dataset("folder", options=options)
+    with pytest.raises(datasets.DataError, match=key):
+        datasets.load_dataset("folder", options=options)
 
 
 def test_relative_folder_paths_resolve_under_the_data_dir(tmp_path, monkeypatch):
-    from search.data import resolve_folder_path
+    from search.datasets import resolve_folder_path
 
     monkeypatch.delenv("CNNSEARCH_DATA", raising=False)
     assert resolve_folder_path("pets", None) == Path("pets")
@@ -373,8 +378,111 @@ def test_relative_folder_paths_resolve_under_the_data_dir(tmp_path, monkeypatch)
 
 
 def test_shipped_jpeg_study_finds_the_zip_under_the_data_dir(shared_datasets):
-    from search.data import resolve_folder_path
+    from search.datasets import resolve_folder_path
     from search.spec import load_spec
 
     spec = load_spec("studies/cifar10_jpeg_sixconv.toml", [f"data.data_dir={json.dumps(str(shared_datasets))}"])
     assert resolve_folder_path(spec.data["data_options"]["path"], spec.data["data_dir"]).is_file()
+
+
+# The registry: what a dataset says about itself before loading must match what loading gives.
+
+def image_folder(root: Path, classes=("ant", "bee", "cow", "dog"), per_class: int = 3) -> Path:
+    from PIL import Image
+
+    for i, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for j in range(per_class):
+            Image.new("RGB", (12 + j, 10), (60 * i, 20 * j, 100)).save(root / name / f"{j}.png")
+    return root
+
+
+@pytest.mark.parametrize("name,options", [("digits", None),
+                                          ("synthetic", None),
+                                          ("synthetic", {"n": 60, "classes": 3, "channels": 3, "size": 6})])
+def test_describe_matches_the_loaded_dataset(name, options):
+    ds = datasets.load_dataset(name, options=options)
+    assert datasets.describe(name, options) == (ds.in_shape, ds.num_classes)
+
+
+@pytest.mark.parametrize("options", [{}, {"channels": 1, "image_size": 7, "test_fraction": 0.4}])
+def test_describe_matches_a_loaded_image_folder(tmp_path, options):
+    image_folder(tmp_path / "pics")
+    options = {"path": "pics", "cache_dir": str(tmp_path / "cache"), "workers": 1, **options}
+    ds = datasets.load_dataset("folder", data_dir=tmp_path, options=options)
+    assert datasets.describe("folder", options, data_dir=tmp_path) == (ds.in_shape, ds.num_classes)
+    assert ds.num_classes == 4
+
+
+def test_describe_matches_real_mnist(mnist_dir):
+    ds = datasets.load_dataset("mnist", data_dir=mnist_dir)
+    assert datasets.describe("mnist", data_dir=mnist_dir) == (ds.in_shape, ds.num_classes) == ((1, 28, 28), 10)
+
+
+@pytest.mark.parametrize("name,shape", [("mnist", (1, 28, 28)), ("fashion_mnist", (1, 28, 28)),
+                                        ("cifar10", (3, 32, 32))])
+def test_describe_reads_no_files(tmp_path, name, shape):
+    assert datasets.describe(name, data_dir=tmp_path / "empty") == (shape, 10)  # the folder does not exist
+
+
+def test_describe_lists_a_folder_without_decoding_it(tmp_path, monkeypatch):
+    image_folder(tmp_path / "pics", classes=("a", "b"))
+    monkeypatch.setattr(folder_module, "_decode_chunk", lambda *args: pytest.fail("decoded an image"))
+    assert datasets.describe("folder", {"path": str(tmp_path / "pics"), "image_size": 5}) == ((3, 5, 5), 2)
+    with pytest.raises(datasets.FolderError, match="does not exist"):
+        datasets.describe("folder", {"path": str(tmp_path / "nowhere")})
+
+
+@pytest.mark.parametrize("name,options,match", [
+    ("synthetic", {"colour": 1}, r"unknown key 'colour' for synthetic \(valid: n, classes, channels, size, seed\)"),
+    ("folder", {"path": "p", "size": 8}, r"unknown key 'size' for folder \(valid: path, image_size, channels"),
+    ("digits", {"size": 8}, "digits takes no options, got 'size'"),
+    ("folder", {"image_size": 8}, "options.path"),
+    ("synthetic", {"classes": 1}, "options.classes"),
+    ("folder", {"path": "p", "channels": 2}, "channels must be 1"),
+])
+def test_describe_checks_options(name, options, match):
+    with pytest.raises(datasets.DataError, match=match):
+        datasets.describe(name, options)
+
+
+def test_unknown_dataset_is_a_data_error_listing_the_valid_names():
+    valid = "digits, synthetic, mnist, fashion_mnist, cifar10, folder"
+    for call in (lambda: datasets.describe("imagenet"), lambda: datasets.get_dataset_info("imagenet")):
+        with pytest.raises(datasets.DataError, match=f"unknown dataset 'imagenet' \\(valid: {valid}\\)"):
+            call()
+
+
+def test_registry_lists_the_built_in_datasets():
+    assert datasets.DATASETS == datasets.names() == ("digits", "synthetic", "mnist", "fashion_mnist", "cifar10",
+                                                     "folder")
+    info = datasets.get_dataset_info("mnist")
+    assert info.uses_data_dir and not info.options and info.stats == ((0.1307,), (0.3081,))
+    assert datasets.get_dataset_info("folder").options["path"] is datasets.REQUIRED
+
+
+@pytest.fixture
+def scratch_registry(monkeypatch):
+    """Registrations made in a test vanish after it."""
+    from search.datasets import _registry
+
+    monkeypatch.setattr(_registry, "_DATASETS", dict(_registry._DATASETS))
+
+
+def test_registering_a_taken_name_fails(scratch_registry):
+    with pytest.raises(ValueError, match="'digits' is already registered"):
+        datasets.register_dataset("digits", shape=lambda o: (1, 1, 1), classes=lambda o, root: 2)(lambda *a: None)
+    assert datasets.describe("digits") == ((1, 8, 8), 10)  # the first registration stands
+
+
+def test_a_registered_dataset_loads_by_name(scratch_registry):
+    @datasets.register_dataset("stripes", options={"width": 4}, shape=lambda o: (1, 2, o["width"]),
+                               classes=lambda o, root: 2)
+    def load(root, download, options):
+        x = torch.arange(2 * options["width"], dtype=torch.uint8).repeat(20, 1, 1, 1).view(20, 1, 2, -1)
+        y = torch.arange(20) % 2
+        return x[:16], y[:16], x[16:], y[16:], ("even", "odd")
+
+    ds = datasets.load_dataset("stripes", options={"width": 3}, val_fraction=0.25)
+    assert datasets.describe("stripes", {"width": 3}) == (ds.in_shape, ds.num_classes) == ((1, 2, 3), 2)
+    assert (len(ds.train_y), len(ds.val_y), len(ds.test_y)) == (12, 4, 4) and "stripes" in datasets.names()

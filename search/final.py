@@ -1,0 +1,122 @@
+"""Final training of one configuration: what `cnnsearch train` runs on an exported file.
+
+`train_final` runs the search's own engine once per seed, evaluates the test split once at the
+end of each run and writes model.pt (search.modelfile), metrics.json and curves.png.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+import models
+from search import config, datasets, engine
+from search.errors import ExportError
+from search.files import write_atomic, write_json
+from search.modelfile import export_onnx, require_onnx, save_model_file
+from search.provenance import versions
+
+
+@dataclass
+class FinalResult:
+    out_dir: Path
+    runs: list[dict]  # per seed: seed, history, best_val_acc, test_acc, seconds, ...
+    test_mean: float | None  # None when the test split was not read
+    test_std: float | None  # sample standard deviation; None for one seed
+    files: list[Path]
+
+
+def train_final(cfg: config.RunConfig, out_dir: str | Path, *, seeds: int = 1, full_train: bool = False,
+                onnx: bool = False, test: bool = True,
+                on_epoch: Callable[[int, int, dict], None] | None = None) -> FinalResult:
+    """Final training: `seeds` runs (cfg.seed, cfg.seed + 1, ...), each testing once at its end.
+
+    Args:
+        cfg: the configuration (an exported file's "config").
+        out_dir: created if needed; gets model.pt (the first seed's model), metrics.json,
+            curves.png and, with `onnx`, model.onnx.
+        seeds: number of runs; test accuracy is reported as mean and standard deviation.
+        full_train: train on train + validation (no validation metrics then).
+        onnx: also write model.onnx and check it against PyTorch on a batch of training images.
+        test: evaluate the test split; False for finalists compared on validation (test_mean
+            and test_std are then None).
+        on_epoch: progress hook, called as on_epoch(seed, epoch, metrics).
+    """
+    if seeds < 1:
+        raise ExportError(f"--seeds: must be at least 1, got {seeds}")
+    if not test and full_train:
+        raise ExportError("--no-test with --full-train leaves nothing to measure: no validation, no test")
+    if onnx:
+        require_onnx()
+    ds = datasets.dataset_for(cfg)  # data, device and model errors first: they leave no empty folder
+    engine.resolve_device(cfg.device)
+    models.build_model(cfg, ds.in_shape, ds.num_classes)
+    out = Path(out_dir)
+    try:  # now, not after an hour of training
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
+    runs, first_model = [], None
+    for seed in range(cfg.seed, cfg.seed + seeds):
+        started = time.perf_counter()
+        hook = (lambda e, m, s=seed: on_epoch(s, e, m)) if on_epoch else None
+        result = engine.fit(cfg.replace(seed=seed), hook, dataset=ds, evaluate_test=test, full_train=full_train)
+        runs.append({"seed": seed, "stop_reason": result.stop_reason, "n_params": result.n_params,
+                     "device": result.device, "precision": result.precision, "best_val_acc": result.best_val_acc if result.best_epoch >= 0 else None,
+                     "best_epoch": result.best_epoch if result.best_epoch >= 0 else None,
+                     "final_val_acc": result.history[-1].get("val_acc") if result.history else None,
+                     "test_acc": result.test_acc, "test_loss": result.test_loss,
+                     "seconds": round(time.perf_counter() - started, 3), "history": result.history})
+        if first_model is None:
+            first_model = result.model
+    tests = [r["test_acc"] for r in runs] if test else []
+    mean = statistics.fmean(tests) if tests else None
+    std = statistics.stdev(tests) if len(tests) > 1 else None
+    files = [save_model_file(out / "model.pt", first_model, cfg, ds)]
+    if onnx:
+        files.append(export_onnx(first_model, out / "model.onnx", ds))
+    files.append(write_json(out / "metrics.json", {
+        "config": config.to_dict(cfg), "full_train": full_train, "seeds": [r["seed"] for r in runs],
+        "tested": test, "test_acc_mean": mean, "test_acc_std": std, "classes": list(ds.classes),
+        "versions": versions(), "runs": runs}))
+    files.append(plot_curves(runs, out / "curves.png"))
+    return FinalResult(out, runs, mean, std, files)
+
+
+def plot_curves(runs: list[dict], path: Path) -> Path:
+    """Loss and accuracy per epoch, one line per seed (matplotlib's Agg canvas: no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    for run in runs:
+        epochs = [h["epoch"] + 1 for h in run["history"]]
+        for ax, key in ((loss_ax, "loss"), (acc_ax, "acc")):
+            line, = ax.plot(epochs, [h[f"train_{key}"] for h in run["history"]], label=f"train (seed {run['seed']})")
+            if all(f"val_{key}" in h for h in run["history"]):
+                ax.plot(epochs, [h[f"val_{key}"] for h in run["history"]], "--", color=line.get_color(),
+                        label=f"val (seed {run['seed']})")
+    for ax, title in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+        ax.set(xlabel="epoch", title=title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    return write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
+
+
+def default_run_dir(config_file: str | Path | None, root: str | Path = "runs") -> Path:
+    """runs/<config stem>-<local time>, or runs/<local time> without a file; never an existing folder."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(root) / (f"{Path(config_file).stem}-{stamp}" if config_file else stamp)
+    path, k = base, 1
+    while path.exists():
+        k += 1
+        path = base.with_name(f"{base.name}-{k}")
+    return path
