@@ -8,6 +8,7 @@
 
 from ._registry import (
     ModelConfigError,
+    ModelShapeError,
     UnknownModelError,
     build_model,
     count_parameters,
@@ -20,6 +21,7 @@ from . import alexnet, convnet, lenet, presets  # noqa: F401
 
 __all__ = [
     "ModelConfigError",
+    "ModelShapeError",
     "UnknownModelError",
     "build_model",
     "count_parameters",

@@ -27,6 +27,14 @@ class ModelConfigError(CnnsearchError):
     """Bad model params, or an architecture impossible for the input shape (one-line reason)."""
 
 
+class ModelShapeError(ModelConfigError):
+    """Valid params whose architecture cannot fit the input shape (e.g. too many poolings for 8x8).
+
+    A property of a point in a search space rather than a mistake in a study file: the search
+    prunes such a trial as rejected, while bad params (a plain ModelConfigError) refuse the study.
+    """
+
+
 def register_model(name: str) -> Callable[[Builder], Builder]:
     """Registers a model builder under `name`.
 

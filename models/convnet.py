@@ -8,7 +8,10 @@ A convnet is a stack of blocks, then a head, then a fully connected classifier:
 
 Every other model (lenet5, alexnet, the presets) is this function with fixed params. The
 classifier's input size is computed from the input shape, never typed by hand, and an
-architecture that would shrink the image below 1x1 is refused here, at build time.
+architecture that would shrink the image below 1x1 is refused here, at build time
+(`ModelShapeError`). When `padding` is not given, convs are unpadded where that fits the input
+and padded 'same' where it cannot (the defaults on 8x8 digits), so a network that trains today
+keeps its layout and the defaults fit every dataset.
 Conv layers keep their bias even with batchnorm so the presets match the notebooks' networks.
 """
 
@@ -19,7 +22,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from ._registry import ModelConfigError, register_model
+from ._registry import ModelConfigError, ModelShapeError, register_model
 
 ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "gelu": nn.GELU}
 POOLS = {"none": None, "max": nn.MaxPool2d, "avg": nn.AvgPool2d}
@@ -29,7 +32,7 @@ DEFAULTS: dict[str, Any] = {
     "channels": [32, 64],  # output channels per block; the number of blocks is len(channels)
     "convs": 1,  # convs per block
     "kernel_size": 3,
-    "padding": 0,  # int or "same"
+    "padding": 0,  # int or "same"; not given: 0, or "same" where unpadded convs cannot fit the input
     "pool": "max",  # per block: none | max | avg
     "pool_size": 2,  # pooling kernel = stride
     "dropout": 0.0,  # per block, after its pooling
@@ -138,8 +141,21 @@ def build_convnet(in_shape: tuple[int, int, int], num_classes: int, params: dict
         nn.Sequential with children `features`, `head` and `classifier`; it returns logits.
 
     Raises:
-        ModelConfigError: bad params, or a block that shrinks the input below 1x1.
+        ModelConfigError: bad params.
+        ModelShapeError: a block shrinks the input below 1x1.
     """
+    if "padding" not in params:
+        try:
+            return _assemble(in_shape, num_classes, params, name)
+        except ModelShapeError as unpadded:
+            try:
+                return _assemble(in_shape, num_classes, {**params, "padding": "same"}, name)
+            except ModelShapeError:
+                raise unpadded from None
+    return _assemble(in_shape, num_classes, params, name)
+
+
+def _assemble(in_shape: tuple[int, int, int], num_classes: int, params: dict[str, Any], name: str) -> nn.Sequential:
     p = resolve_params(name, params)
     activation = ACTIVATIONS[p["activation"]]
     block_dropout = nn.Dropout2d if p["dropout2d"] else nn.Dropout
@@ -188,11 +204,12 @@ def build_convnet(in_shape: tuple[int, int, int], num_classes: int, params: dict
 def _check_fits(name: str, block: int, in_shape: tuple[int, int, int], size: tuple[int, ...]) -> None:
     if min(size) < 1:
         h, w = (max(s, 0) for s in size)
-        raise ModelConfigError(f"{name}: block {block + 1} shrinks the {in_shape[1]}x{in_shape[2]} input to "
-                               f"{h}x{w}; use fewer poolings, padding or a smaller kernel")
+        raise ModelShapeError(f"{name}: block {block + 1} shrinks the {in_shape[1]}x{in_shape[2]} input to "
+                              f"{h}x{w}; use fewer poolings, padding or a smaller kernel")
 
 
 @register_model("convnet")
 def convnet(in_shape: tuple[int, int, int], num_classes: int, **params: Any) -> nn.Module:
-    """The general family; params as in `DEFAULTS` (defaults: two 3x3 conv blocks, max pooling, fc 128)."""
+    """The general family; params as in `DEFAULTS` (defaults: two 3x3 conv blocks, max pooling, fc 128;
+    unpadded, or padded 'same' on inputs too small for that, like 8x8 digits)."""
     return build_convnet(in_shape, num_classes, params)

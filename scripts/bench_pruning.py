@@ -91,7 +91,7 @@ def run_one(spec: spec_mod.StudySpec, device: str) -> dict:
     best = pick(complete, key=lambda t: t.value) if complete else None
     epochs = spec.fixed["epochs"]
     return {"complete": len(complete), "pruned": sum(r.startswith("pruned") for r in reasons),
-            "pruned_at_end": sum(r == f"pruned after epoch {epochs - 1}" for r in reasons),
+            "pruned_at_end": sum(r == f"pruned after epoch {epochs}" for r in reasons),  # epochs shown from 1
             "diverged": sum(r.startswith("diverged") for r in reasons),
             "failed": sum(t.state == optuna.trial.TrialState.FAIL for t in trials),
             "epochs": sum(epochs_trained(t) for t in trials), "wall": wall,

@@ -15,12 +15,40 @@ from typing import Annotated, Callable, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 import search
 from search.errors import CnnsearchError
 
-app = typer.Typer(help="Hyperparameter search for CNN image classifiers.", no_args_is_help=True,
-                  add_completion=False, pretty_exceptions_enable=False)
+
+def _plain_flags(params: list) -> list:
+    """Flags (--quiet, --help, ...) show no type: this Typer labels every option with its type,
+    a flag as <bool>, as if it took a value."""
+    for param in params:
+        if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    def get_params(self, ctx):
+        return _plain_flags(super().get_params(ctx))
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx):
+        return _plain_flags(super().get_params(ctx))
+
+
+class _App(typer.Typer):
+    """Every command of this app is a _Command (flags shown as flags)."""
+
+    def command(self, *args, cls=None, **kwargs):
+        return super().command(*args, cls=cls or _Command, **kwargs)
+
+
+app = _App(help="Hyperparameter search for CNN image classifiers.", no_args_is_help=True, cls=_Group,
+           add_completion=False, pretty_exceptions_enable=False)
 # soft_wrap: lines in worker logs stay whole instead of folding at 80 columns.
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -67,8 +95,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
-                                                    help="Print the version and exit.")] = None,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
 ) -> None:
     """Hyperparameter search for CNN image classifiers: studies as files, workers on a shared database."""
 
@@ -76,8 +104,21 @@ def main(
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a setting: key=value "
                                                       "(JSON values; dotted keys reach into model_params).")]
 DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", envvar="CNNSEARCH_DATA",
-                                                   help="Where datasets live (default ./data).")]
+                                                   help="Where datasets live: this, else $CNNSEARCH_DATA, else the "
+                                                   "config's data_dir, else ./data.")]
+StudyDataDirOpt = Annotated[Optional[str], typer.Option(
+    "--data-dir", envvar="CNNSEARCH_DATA", help="Where datasets live on this machine: this, else $CNNSEARCH_DATA, "
+    "else the study's data.data_dir, else ./data. For this command only: the stored study keeps its own.")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(min=1, envvar="CNNSEARCH_THREADS", help="torch CPU threads for "
+                                                   "this process (torch.set_num_threads; default: PyTorch's choice).")]
+
+
+def _set_threads(threads: Optional[int]) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _epoch_line(epoch: int, total: int, m: dict) -> str:
@@ -95,6 +136,7 @@ def train(
     epochs: Annotated[Optional[int], typer.Option(help="Override the number of epochs.")] = None,
     data_dir: DataDirOpt = None,
     device: DeviceOpt = None,
+    threads: ThreadsOpt = None,
     full_train: Annotated[bool, typer.Option("--full-train", help="Train on train + validation.")] = False,
     seeds: Annotated[int, typer.Option(min=1, help="Runs with seeds seed, seed+1, ...; test accuracy is "
                                        "reported as mean ± std over them.")] = 1,
@@ -106,19 +148,27 @@ def train(
                                           "on validation, then test only the one chosen.")] = False,
 ) -> None:
     """Train one configuration and report validation and test accuracy (the test set is read once, at the end)."""
-    from search import config
+    from search import config, datasets
     from search import final
 
+    _set_threads(threads)
     overrides = list(set_ or [])
     overrides += [f"epochs={epochs}"] if epochs is not None else []
     overrides += [f"device={device}"] if device else []
     cfg = config.load(config_file, overrides)
-    if data_dir and cfg.data_dir is None:
-        cfg = cfg.replace(data_dir=data_dir)
+    chosen = datasets.choose_data_dir(data_dir, cfg.data_dir)  # --data-dir > $CNNSEARCH_DATA > the file's
+    if chosen != cfg.data_dir:
+        cfg = cfg.replace(data_dir=chosen)
     out_dir = out_dir or final.default_run_dir(config_file)
     out.print(f"training {cfg.model} on {cfg.dataset} for {cfg.epochs} epochs "
               f"({cfg.optimizer}, lr {cfg.lr:g}, batch {cfg.batch_size}, device {cfg.device})"
               + (f", {seeds} seeds" if seeds > 1 else "") + (", on train + validation" if full_train else ""))
+    ds = datasets.dataset_for(cfg)  # loaded once per process: train_final reuses it
+    if ds.skipped_line:
+        err.print(f"warning: {ds.skipped_line}", markup=False)
+    subset = f" (subset {cfg.subset}; --set subset=null trains on all)" if cfg.subset is not None else ""
+    out.print(f"data: {len(ds.train_y):,} training images{subset}, {len(ds.val_y):,} validation, "
+              f"{len(ds.test_y):,} test", markup=False)
 
     def on_epoch(seed: int, epoch: int, m: dict) -> None:
         if seeds > 1 and epoch == 0:
@@ -140,7 +190,15 @@ def train(
         out.print(f"{who}{tested}params {run['n_params']:,}  device {run['device']} ({run['precision']})")
     if result.test_std is not None:
         out.print(f"test acc {result.test_mean:.2%} ± {100 * result.test_std:.2f} points (mean ± std over "
-                  f"{seeds} seeds); single-run differences below ~0.1 point on MNIST or ~0.2 on CIFAR-10 are noise")
+                  f"{seeds} seeds)")
+    noise = result.sampling_std()
+    if noise is not None:
+        out.print(f"on {result.test_images:,} test images one run's accuracy has a sampling std of "
+                  f"{100 * noise:.2f} points: smaller differences between single runs are noise")
+    if seeds > 1:
+        out.print(f"model.pt holds seed {result.model_seed}'s model (best last-epoch validation accuracy)"
+                  if not full_train else f"model.pt holds seed {result.model_seed}'s model (the first; "
+                  "--full-train leaves no validation to choose by)")
     out.print(f"wrote {', '.join(str(f) for f in result.files)}", markup=False)
 
 
@@ -148,7 +206,10 @@ StudySetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", "-s", help="Override the study file: section.key=value, e.g. study.n_trials=12, "
     "data.subset=10000, fixed.epochs=4 (JSON values).")]
 StorageOpt = Annotated[Optional[str], typer.Option("--storage", envvar="CNNSEARCH_STORAGE",
-                                                  help="Database URL (default sqlite:///cnnsearch.db).")]
+                                                  help="Database URL (default: $CNNSEARCH_STORAGE, else the "
+                                                  "one line of the mode-0600 file named by $CNNSEARCH_STORAGE_FILE, "
+                                                  "else sqlite:///cnnsearch.db). A URL with a password belongs in "
+                                                  "one of those, not on a command line: ps shows it to everyone.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="One line per trial instead of progress bars.")]
 HeartbeatOpt = Annotated[Optional[int], typer.Option(
     min=1, envvar="CNNSEARCH_HEARTBEAT", help="Seconds between a running trial's heartbeats (default 10).")]
@@ -170,33 +231,51 @@ def _trial_line(study, trial) -> str:
     return f"trial {trial.number:>4} {trial.state.name.lower():<8} value {value}  {why}  [{done} finished]"
 
 
-def _work(name: str, storage, device: str, quiet: bool, seed_offset: Optional[int],
+def _stops_on_signals(fn: Callable) -> Callable:
+    """`fn` under the worker's signal handlers from its first line (`search.worker.stop_on_signals`):
+    a signal while it opens the storage and loads the study stops it too, even where its
+    KeyboardInterrupt is lost in a finalizer. (Imported late: the worker module loads torch.)"""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from search.worker import stop_on_signals
+
+        with stop_on_signals():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_stops_on_signals
+def _work(name: str, storage, device: str, quiet: bool, worker_index: Optional[int],
           threads: Optional[int], heartbeat: Optional[int] = None, grace: Optional[int] = None,
-          reconnect_for: Optional[float] = None) -> None:
-    """One worker in this process, with progress bars (or plain lines when quiet)."""
+          reconnect_for: Optional[float] = None, data_dir: Optional[str] = None) -> None:
+    """One worker in this process, with progress bars (or plain lines when quiet); `data_dir`
+    (--data-dir or $CNNSEARCH_DATA) overrides the stored spec's data_dir for this worker only."""
     import optuna
-    import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from search import study as study_mod
     from search.engine import resolve_device
     from search.storage import count_trials, open_store
-    from search.worker import RECONNECT_FOR, run_worker
+    from search.worker import RECONNECT_FOR, claim_worker_index, run_worker, sampler_seed
 
-    if threads:
-        torch.set_num_threads(threads)
+    _set_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     resolve_device(device)  # before the banner: a bad device is the only line
     beats = {k: v for k, v in (("heartbeat_interval", heartbeat), ("grace_period", grace)) if v}
-    store = open_store(storage, **beats)
-    _, spec = study_mod.load(name, store)
-    out.print(f"worker for {name!r} on {store.shown}, device {device}, budget {spec.n_trials} trials")
+    store = open_store(storage, create=False, **beats)  # `run` passes the Store it created
+    study, spec = study_mod.load(name, store)
+    worker_index = claim_worker_index(study, worker_index)  # None: the next one no worker has used
+    seed = sampler_seed(spec, worker_index)
+    out.print(f"worker for {name!r} on {store.shown}, device {device}, budget {spec.n_trials} trials; "
+              f"worker index {worker_index}, sampler seed {'none' if seed is None else seed}")
     limit = RECONNECT_FOR if reconnect_for is None else reconnect_for
     resilience = {"reconnect_for": limit,
                   "on_outage": lambda why, waited: err.print(
                       f"storage unreachable ({why}); reconnecting, {waited:.0f}/{limit:.0f} s waited", markup=False)}
     if quiet:
-        result = run_worker(name, store, device=device, seed_offset=seed_offset, **resilience,
+        result = run_worker(name, store, device=device, worker_index=worker_index, data_dir=data_dir, **resilience,
                             on_trial=lambda s, t: out.print(_trial_line(s, t), markup=False))
     else:
         epochs = spec.fixed.get("epochs", 10)
@@ -215,10 +294,16 @@ def _work(name: str, storage, device: str, quiet: bool, seed_offset: Optional[in
                 bars.update(trials_bar, completed=count_trials(study, ("COMPLETE", "PRUNED")))
                 bars.update(epoch_bar, completed=0)
 
-            result = run_worker(name, store, device=device, seed_offset=seed_offset, **resilience,
-                                on_trial=on_trial, on_epoch=on_epoch)
+            result = run_worker(name, store, device=device, worker_index=worker_index, data_dir=data_dir,
+                                **resilience, on_trial=on_trial, on_epoch=on_epoch)
     out.print(f"worker done: {result.trials_run} trials run here; stopped: {result.stopped_because}")
     _print_best(study_mod.summary(name, store))
+
+
+def _stopping(exc: CnnsearchError) -> None:
+    """A worker whose study was deleted (or replaced) under it: one line, exit 0. A deliberate
+    stop like the budget, so that a scheduler does not restart it (docs/many-machines.md)."""
+    out.print(f"worker stopping: {exc}", markup=False)
 
 
 def _print_best(info: dict) -> None:
@@ -238,6 +323,9 @@ def create(
     set_: StudySetOpt = None,
     replace: Annotated[bool, typer.Option("--replace", help="Delete an existing study of this name "
                                           "(and its trials) when its spec differs.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="With --replace: delete even while workers run "
+                                        "trials of the old study (they stop with one line).")] = False,
+    data_dir: StudyDataDirOpt = None,
 ) -> None:
     """Validate a study file and create the study in storage (idempotent for the same file)."""
     import optuna
@@ -247,9 +335,13 @@ def create(
     from search.storage import open_store
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # this command prints its own line
-    spec = spec_mod.load_spec(study_file, set_)
+    if force and not replace:
+        raise UserError("--force goes with --replace")
+    spec = spec_mod.load_spec(study_file, set_, data_dir=data_dir)
     store = open_store(storage, heartbeat_interval=None)
-    made = study_mod.create(spec, store, replace=replace)
+    made = study_mod.create(spec, store, replace=replace, force=force, data_dir=data_dir)
+    for line in made.warnings:
+        err.print(f"warning: {line}", markup=False)
     verb = "created" if made.created else "already exists (same spec)"
     out.print(f"study {spec.name!r} {verb} in {store.shown}: budget {spec.n_trials} "
               f"trials, {len(spec.space)} parameters, {len(spec.enqueue)} enqueued")
@@ -263,16 +355,30 @@ def run(
     storage: StorageOpt = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     quiet: QuietOpt = False,
+    data_dir: StudyDataDirOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
-    """Create the study (if needed) and run one worker in this process: the quick start."""
+    """Create the study (if needed) and run one worker in this process: the quick start.
+
+    Worker index: the next free one (see worker --help), 0 in a fresh database: a rerun there replays.
+    """
+    import optuna
+
     from search import spec as spec_mod
     from search import study as study_mod
     from search.storage import open_store
 
-    spec = spec_mod.load_spec(study_file, set_)
+    from search.errors import StudyGone
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created": the worker says it
+    spec = spec_mod.load_spec(study_file, set_, data_dir=data_dir)
     store = open_store(storage)  # a worker's: heartbeat on
-    study_mod.create(spec, store)
-    _work(spec.name, store, device, quiet, None, None)
+    for line in study_mod.create(spec, store, data_dir=data_dir).warnings:
+        err.print(f"warning: {line}", markup=False)
+    try:
+        _work(spec.name, store, device, quiet, None, threads, data_dir=data_dir)
+    except StudyGone as exc:
+        _stopping(exc)
 
 
 @app.command()
@@ -282,17 +388,29 @@ def worker(
     storage: StorageOpt = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     quiet: QuietOpt = False,
-    seed_offset: Annotated[Optional[int], typer.Option(help="Added to the sampler seed (default: pid).")] = None,
-    threads: Annotated[Optional[int], typer.Option(envvar="CNNSEARCH_THREADS",
-                                                   help="torch CPU threads for this worker.")] = None,
+    worker_index: Annotated[Optional[int], typer.Option(
+        "--worker-index", min=0, help="Added to the study's sampler seed, so that workers draw different trials; "
+        "recorded with each trial (worker_index, sampler_seed), so that a study can be replayed. Default: the "
+        "next index no worker of this study has taken, claimed atomically in the storage, so never shared by "
+        "accident (0 in a fresh study). launch gives its workers 0..N-1. Formerly --seed-offset.")] = None,
+    seed_offset: Annotated[Optional[int], typer.Option("--seed-offset", min=0, hidden=True)] = None,
+    threads: ThreadsOpt = None,
     heartbeat: HeartbeatOpt = None,
     grace: GraceOpt = None,
     reconnect_for: Annotated[Optional[float], typer.Option(
         min=0, envvar="CNNSEARCH_RECONNECT_FOR", help="Seconds to keep retrying a lost database "
         "before giving up (default 60).")] = None,
+    data_dir: StudyDataDirOpt = None,
 ) -> None:
     """Pull trials of a study until its global budget is reached or its timeout passes."""
-    _work(name, storage, device, quiet, seed_offset, threads, heartbeat, grace, reconnect_for)
+    from search.errors import StudyGone
+
+    try:
+        if worker_index is None:
+            worker_index = seed_offset
+        _work(name, storage, device, quiet, worker_index, threads, heartbeat, grace, reconnect_for, data_dir)
+    except StudyGone as exc:
+        _stopping(exc)
 
 
 @app.command()
@@ -307,6 +425,7 @@ def launch(
     log_dir: Annotated[Path, typer.Option(help="Where each worker's log goes.")] = Path("logs"),
     heartbeat: HeartbeatOpt = None,
     grace: GraceOpt = None,
+    data_dir: StudyDataDirOpt = None,
 ) -> None:
     """Start one worker process per GPU slot (or --cpus N on a CPU machine) and wait for them."""
     from search import study as study_mod
@@ -314,10 +433,11 @@ def launch(
     from search.launch import plan_slots
     from search.storage import open_store
 
-    store = open_store(storage, heartbeat_interval=None)
-    study_mod.load(name, store)  # fail here, not in N log files
+    store = open_store(storage, heartbeat_interval=None, create=False)
+    study_mod.load(name, store, validate=False)  # fail here, not in N log files
     slots = plan_slots(gpus, per_gpu, cpus if gpus is None else None, log_dir)
-    extra = [*(["--heartbeat", str(heartbeat)] if heartbeat else []), *(["--grace", str(grace)] if grace else [])]
+    extra = [*(["--heartbeat", str(heartbeat)] if heartbeat else []), *(["--grace", str(grace)] if grace else []),
+             *(["--data-dir", data_dir] if data_dir else [])]  # each worker: this, over the study's data_dir
     codes = launch_workers(name, store.url, slots, worker_args=extra, on_start=lambda k, slot, pid: out.print(
         f"worker {k} (pid {pid}, {slot.device}, {slot.env.get('CUDA_VISIBLE_DEVICES') or 'no GPU'}) "
         f"-> {slot.log}"))
@@ -339,7 +459,10 @@ def status(name: Annotated[str, typer.Argument(help="Study name.")], storage: St
     _print_best(info)
     for r in info["running"]:
         age = f"{r['age_s']:.0f}s" if r["age_s"] is not None else "?"
-        out.print(f"  running: trial {r['number']} on {r['host']} {r['device']}, {age} old, "
+        index = r.get("worker_index")
+        seed = r.get("sampler_seed")
+        worker = f", worker {index} (sampler seed {'none' if seed is None else seed})" if index is not None else ""
+        out.print(f"  running: trial {r['number']} on {r['host']} {r['device']}{worker}, {age} old, "
                   f"{r['epochs']} epochs reported", markup=False)
 
 
@@ -378,17 +501,21 @@ def delete(
     name: Annotated[str, typer.Argument(help="Study name.")],
     storage: StorageOpt = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Delete even while workers run trials of it "
+                                        "(they stop with one line).")] = False,
 ) -> None:
-    """Delete a study and all its trials (asks first)."""
+    """Delete a study and all its trials (asks first; refused while its workers run, unless --force)."""
     from search import study as study_mod
     from search.storage import open_store
 
-    store = open_store(storage, heartbeat_interval=None)
+    store = open_store(storage, heartbeat_interval=None, create=False)
     info = study_mod.summary(name, store)
+    if not force:
+        study_mod.refuse_if_running(study_mod.load(name, store, validate=False)[0])  # before asking; delete checks again
     if not yes and not typer.confirm(f"delete study {name!r} and its {sum(info['counts'].values())} trials?"):
         out.print("kept")
         raise typer.Exit(1)
-    study_mod.delete(name, store)
+    study_mod.delete(name, store, force=force)  # checks that it is gone before we say so
     out.print(f"deleted study {name!r}")
 
 
@@ -410,7 +537,9 @@ def export_(
     prov = doc["provenance"]
     out.print(f"wrote {output}: study {name!r} trial {prov['trial']}, {prov['metric']} {prov['value']:.4f}", markup=False)
     out.print(f"  params: {_fmt_params(prov['params'])}", markup=False)
-    out.print(f"next: cnnsearch train {output} --seeds 3", markup=False)
+    carried, final_command = export_mod.search_budget(doc, output)
+    out.print(f"  {carried} (cnnsearch train {output} alone repeats them)", markup=False)
+    out.print(f"next, the final model for N epochs: {final_command}", markup=False)
 
 
 @app.command()
@@ -448,7 +577,7 @@ def dashboard(
     from search.dashboard import open_dashboard
     from search.storage import open_store
 
-    store = open_store(storage, heartbeat_interval=None)
+    store = open_store(storage, heartbeat_interval=None, create=False)
     dash = open_dashboard(store, host, port)
     if not dash.loopback:
         err.print(f"warning: listening on {host}, reachable from other machines; the dashboard has no "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from search.errors import ConfigError
 class RunConfig:
     # data
     dataset: str = "digits"  # digits | synthetic | mnist | fashion_mnist | cifar10 | folder
-    data_dir: str | None = None  # where torchvision datasets live; None -> $CNNSEARCH_DATA or ./data
+    data_dir: str | None = None  # where datasets live; --data-dir and $CNNSEARCH_DATA beat it; None -> ./data
     download: bool = False  # fetch torchvision datasets when missing (never implicit)
     data_options: dict = field(default_factory=dict)  # loader-specific: folder path/size, synthetic shape
     val_fraction: float = 0.1  # validation split carved from the training set; the search scores on it
@@ -69,6 +70,7 @@ DATA_FIELDS = ("dataset", "data_dir", "download", "data_options", "val_fraction"
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULERS = ("none", "step", "cosine", "onecycle")
 PRECISIONS = ("auto", "fp32", "bf16")
+SEED_LIMIT = 2**32  # seed and val_seed: 0 <= seed < 2**32, what numpy's and torch's generators all accept
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
@@ -90,6 +92,8 @@ def _coerce(key: str, value: Any) -> Any:
             return value
     elif kind.startswith("float"):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # JSON `--set lr=NaN` or `Infinity` parses; no setting means it
+                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
             return float(value)
     elif kind.startswith("str"):
         if isinstance(value, str):
@@ -125,6 +129,9 @@ def _check(cfg: RunConfig) -> RunConfig:
         raise bad("step_gamma", "must be in (0, 1]")
     if cfg.subset is not None and cfg.subset <= 0:
         raise bad("subset", "must be > 0")
+    for key in ("seed", "val_seed"):
+        if not 0 <= getattr(cfg, key) < SEED_LIMIT:
+            raise bad(key, "must be in [0, 2**32)")
     if cfg.nesterov and (cfg.optimizer != "sgd" or cfg.momentum <= 0):
         raise ConfigError("nesterov: needs optimizer 'sgd' with momentum > 0")
     return cfg

@@ -71,7 +71,7 @@ def open_dashboard(store: Store | str | None = None, host: str = "127.0.0.1", po
     """
     import optuna_dashboard
 
-    app = optuna_dashboard.wsgi(open_store(store, heartbeat_interval=None).storage)
+    app = optuna_dashboard.wsgi(open_store(store, heartbeat_interval=None, create=False).storage)
     server_class = WSGIServer
     if ":" in host:
         import socket

@@ -321,7 +321,7 @@ def train_epochs(state: TrainState, ds) -> Iterator[dict]:
         state.history.append(metrics)
 
         if not math.isfinite(train_loss):
-            state.stop_reason = f"diverged: training loss became {train_loss} in epoch {epoch}"
+            state.stop_reason = f"diverged: training loss became {train_loss} in epoch {epoch + 1}"  # shown: from 1
             return
         if has_val:
             if metrics["val_acc"] > state.best_val_acc:

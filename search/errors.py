@@ -40,6 +40,15 @@ class StudyError(CnnsearchError):
     """A study-level problem: unknown name, a conflicting spec, no finished trial."""
 
 
+class TrialsCrashed(StudyError):
+    """A worker's trials crashed several times in a row (`worker.MAX_CRASHES_IN_A_ROW`): a bug in
+    the space, the data or the machine to fix, not to loop on; the message names the last error."""
+
+
+class StudyGone(StudyError):
+    """The study a worker runs on was deleted (or deleted and created again) under it."""
+
+
 class ExportError(CnnsearchError):
     """An export or final-training request that cannot be carried out."""
 

@@ -3,10 +3,15 @@
 `export_best` writes what `cnnsearch train` reads unchanged (search.final): the RunConfig under
 "config", and under "provenance" where it came from (study, trial, value, data split, versions,
 masked storage URL).
+
+The config is the trial's, budget included: a search on a training subset for few epochs exports
+that subset and those epochs, which `cnnsearch train` repeats as they are. `search_budget` says
+so and names the command that trains the final model on every training image instead.
 """
 
 from __future__ import annotations
 
+import shlex
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -38,6 +43,22 @@ def export_document(study, spec, trial, url: str) -> dict[str, Any]:
     return {"format": EXPORT_FORMAT, "config": config.to_dict(cfg), "provenance": provenance}
 
 
+def search_budget(doc: dict[str, Any], path: str | Path) -> tuple[str, str]:
+    """Two lines for `cnnsearch export` to print: what the exported config (at `path`) carries
+    over from the search's budget, and the command that trains the final model at full budget,
+    every training image for N epochs (the caller says what N is).
+
+    Example:
+        >>> search_budget({"config": {"subset": 10000, "epochs": 4}}, "best.json")[1]
+        'cnnsearch train best.json --set subset=null --epochs N --seeds 3'
+    """
+    cfg = doc["config"]
+    images = "all training images" if cfg["subset"] is None else f"a subset of {cfg['subset']:,} training images"
+    everything = "" if cfg["subset"] is None else " --set subset=null"
+    return (f"carried over from the search: {images}, {cfg['epochs']} epochs",
+            f"cnnsearch train {shlex.quote(str(path))}{everything} --epochs N --seeds 3")
+
+
 def export_best(name: str, path: str | Path, store: Store | str | None = None, number: int | None = None,
                 rank: int = 1) -> dict:
     """Write the best (the `rank`-th best, or trial `number`'s) config of study `name` to `path`.
@@ -45,7 +66,7 @@ def export_best(name: str, path: str | Path, store: Store | str | None = None, n
     Raises:
         search.study.StudyError: no such study, or no finished (completed) trial.
     """
-    store = open_store(store, heartbeat_interval=None)
+    store = open_store(store, heartbeat_interval=None, create=False)
     study, spec, trial = study_mod.best_trial(name, store, number, rank)
     doc = export_document(study, spec, trial, store.url)
     write_json(path, doc)

@@ -13,11 +13,19 @@ from typing import Any, Callable
 from search.errors import CnnsearchError
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> Path:
     """Write `path` through a temporary file in the same folder and `os.replace`.
 
     Readers see the old file or the new one, never a part; a crash, a full disk or a signal
-    while writing leaves the previous file as it was.
+    while writing leaves the previous file as it was. The file gets the mode a plain `open`
+    would give it (0666 less the umask), not the temporary file's private 0600: exports,
+    models and reports are meant to be shared.
 
     Args:
         path: the file to write.
@@ -38,6 +46,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[io.BufferedWriter], N
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:

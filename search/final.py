@@ -28,6 +28,15 @@ class FinalResult:
     test_mean: float | None  # None when the test split was not read
     test_std: float | None  # sample standard deviation; None for one seed
     files: list[Path]
+    model_seed: int  # the seed whose model model.pt holds (see `train_final`)
+    test_images: int  # size of the test split (the noise in one run's test accuracy depends on it)
+
+    def sampling_std(self) -> float | None:
+        """The binomial standard deviation of one run's test accuracy on `test_images` images:
+        differences between single runs smaller than about this are noise."""
+        if self.test_mean is None or not self.test_images:
+            return None
+        return (self.test_mean * (1 - self.test_mean) / self.test_images) ** 0.5
 
 
 def train_final(cfg: config.RunConfig, out_dir: str | Path, *, seeds: int = 1, full_train: bool = False,
@@ -37,8 +46,10 @@ def train_final(cfg: config.RunConfig, out_dir: str | Path, *, seeds: int = 1, f
 
     Args:
         cfg: the configuration (an exported file's "config").
-        out_dir: created if needed; gets model.pt (the first seed's model), metrics.json,
-            curves.png and, with `onnx`, model.onnx.
+        out_dir: created if needed; gets model.pt, metrics.json, curves.png and, with `onnx`,
+            model.onnx. With several seeds model.pt holds the run with the best last-epoch
+            validation accuracy (chosen without the test split; the first seed on ties and with
+            `full_train`, which has no validation); `FinalResult.model_seed` says which.
         seeds: number of runs; test accuracy is reported as mean and standard deviation.
         full_train: train on train + validation (no validation metrics then).
         onnx: also write model.onnx and check it against PyTorch on a batch of training images.
@@ -60,7 +71,7 @@ def train_final(cfg: config.RunConfig, out_dir: str | Path, *, seeds: int = 1, f
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ExportError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
-    runs, first_model = [], None
+    runs, chosen, chosen_val = [], None, None
     for seed in range(cfg.seed, cfg.seed + seeds):
         started = time.perf_counter()
         hook = (lambda e, m, s=seed: on_epoch(s, e, m)) if on_epoch else None
@@ -71,20 +82,23 @@ def train_final(cfg: config.RunConfig, out_dir: str | Path, *, seeds: int = 1, f
                      "final_val_acc": result.history[-1].get("val_acc") if result.history else None,
                      "test_acc": result.test_acc, "test_loss": result.test_loss,
                      "seconds": round(time.perf_counter() - started, 3), "history": result.history})
-        if first_model is None:
-            first_model = result.model
+        val = runs[-1]["final_val_acc"]
+        if chosen is None or (val is not None and (chosen_val is None or val > chosen_val)):
+            chosen, chosen_val = (seed, result.model), val
     tests = [r["test_acc"] for r in runs] if test else []
     mean = statistics.fmean(tests) if tests else None
     std = statistics.stdev(tests) if len(tests) > 1 else None
-    files = [save_model_file(out / "model.pt", first_model, cfg, ds)]
+    model_seed, model = chosen
+    files = [save_model_file(out / "model.pt", model, cfg.replace(seed=model_seed), ds)]
     if onnx:
-        files.append(export_onnx(first_model, out / "model.onnx", ds))
+        files.append(export_onnx(model, out / "model.onnx", ds))
     files.append(write_json(out / "metrics.json", {
         "config": config.to_dict(cfg), "full_train": full_train, "seeds": [r["seed"] for r in runs],
-        "tested": test, "test_acc_mean": mean, "test_acc_std": std, "classes": list(ds.classes),
+        "tested": test, "test_acc_mean": mean, "test_acc_std": std, "test_images": len(ds.test_y),
+        "model_seed": model_seed, "classes": list(ds.classes),
         "versions": versions(), "runs": runs}))
     files.append(plot_curves(runs, out / "curves.png"))
-    return FinalResult(out, runs, mean, std, files)
+    return FinalResult(out, runs, mean, std, files, model_seed, len(ds.test_y))
 
 
 def plot_curves(runs: list[dict], path: Path) -> Path:

@@ -71,7 +71,7 @@ def launch(name: str, url: str | None, slots: list[Slot], *, worker_args: Sequen
         slot.log.parent.mkdir(parents=True, exist_ok=True)
         # The URL goes in the environment, not argv: `ps` shows every user a command line.
         cmd = [sys.executable, "-m", "search.cli", "worker", name,
-               "--device", slot.device, "--quiet", "--seed-offset", str(k), *worker_args]
+               "--device", slot.device, "--quiet", "--worker-index", str(k), *worker_args]
         log = open(slot.log, "ab")
         env = {**os.environ, **slot.env, "CNNSEARCH_STORAGE": url}
         procs.append(subprocess.Popen(cmd, env=env, stdout=log,

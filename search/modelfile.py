@@ -152,8 +152,9 @@ def predict_images(loaded: ModelFile, paths: Sequence[str | Path]) -> list[Predi
 
 
 def evaluate_model_file(loaded: ModelFile, data_dir: str | None = None) -> tuple[float, float, int]:
-    """(accuracy, loss, images) of the loaded model on its config's dataset test split."""
-    cfg = loaded.config if data_dir is None or loaded.config.data_dir else loaded.config.replace(data_dir=data_dir)
+    """(accuracy, loss, images) of the loaded model on its config's dataset test split, read from
+    `data_dir` (predict's --data-dir) > $CNNSEARCH_DATA > the config's data_dir > ./data."""
+    cfg = loaded.config.replace(data_dir=datasets.choose_data_dir(data_dir, loaded.config.data_dir))
     device = next(loaded.model.parameters()).device
     ds = datasets.to_device(datasets.dataset_for(cfg), device)
     if tuple(ds.in_shape) != loaded.in_shape or ds.num_classes != len(loaded.classes):

@@ -2,6 +2,10 @@
 
 The optuna-examples idiom in one place: suggest, train an epoch, `trial.report(value, epoch)`
 from step 0, `if trial.should_prune(): raise optuna.TrialPruned()`.
+
+Epoch numbering: data counts from 0 (Optuna's steps, which a pruner's `n_warmup_steps` counts;
+the metrics dicts' "epoch"; the best_epoch attr); text for people counts from 1 (CLI lines, stop
+reasons such as "pruned after epoch 3": three epochs trained; curves.png's axis).
 """
 
 from __future__ import annotations
@@ -30,14 +34,16 @@ def _one_line(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {text[0]}" if text else exc.__class__.__name__
 
 
-def make_objective(spec, *, device: str = "auto",
-                   on_epoch: EpochProgress | None = None) -> Callable[[optuna.Trial], float]:
+def make_objective(spec, *, device: str = "auto", on_epoch: EpochProgress | None = None,
+                   trial_attrs: dict | None = None) -> Callable[[optuna.Trial], float]:
     """The function a worker hands to `study.optimize`.
 
     Args:
         spec: the study's validated StudySpec.
         device: training device for this worker (auto | cpu | cuda | cuda:N).
         on_epoch: progress hook for the CLI, called after each reported epoch.
+        trial_attrs: user attrs set on every trial before its parameters are drawn (the worker's
+            worker_index and sampler_seed: what replays the draw).
     """
     goal = spec.objectives[0]
     metric = goal.name
@@ -50,13 +56,6 @@ def make_objective(spec, *, device: str = "auto",
         if earlier >= spec.n_trials:
             trial.set_user_attr("stop_reason", "over budget: another worker took the last slot")
             raise OverBudget(f"study budget of {spec.n_trials} trials already taken")
-        params = space.suggest_params(trial, spec)
-        cfg = space.params_to_config(spec, params).replace(device=device)
-        resolved = engine.resolve_device(device)
-        precision = "bf16" if engine.uses_bf16(cfg.precision, resolved) else "fp32"
-        for key, value in (("host", socket.gethostname()), ("pid", os.getpid()),
-                           ("device", str(resolved)), ("precision", precision)):
-            trial.set_user_attr(key, value)
         epoch_seconds: list[float] = []
 
         def report(epoch: int, m: dict) -> None:
@@ -66,11 +65,20 @@ def make_objective(spec, *, device: str = "auto",
                 on_epoch(trial.number, epoch, m)
             if trial.should_prune():
                 trial.set_user_attr("epoch_seconds", epoch_seconds)
-                trial.set_user_attr("stop_reason", f"pruned after epoch {epoch}")
-                raise optuna.TrialPruned(f"pruned after epoch {epoch} at {metric} {m[metric]:.4f}")
+                trial.set_user_attr("stop_reason", f"pruned after epoch {epoch + 1}")  # shown: from 1
+                raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} at {metric} {m[metric]:.4f}")
 
-        started = time.perf_counter()
-        try:
+        try:  # from the first suggest on: an error anywhere is this trial's crash, with its one line
+            for key, value in (trial_attrs or {}).items():
+                trial.set_user_attr(key, value)
+            params = space.suggest_params(trial, spec)  # a sampler that cannot sample the space fails here
+            cfg = space.params_to_config(spec, params).replace(device=device)
+            resolved = engine.resolve_device(device)
+            precision = "bf16" if engine.uses_bf16(cfg.precision, resolved) else "fp32"
+            for key, value in (("host", socket.gethostname()), ("pid", os.getpid()),
+                               ("device", str(resolved)), ("precision", precision)):
+                trial.set_user_attr(key, value)
+            started = time.perf_counter()
             dataset = datasets.dataset_for(cfg)
             n_params = models.count_parameters(models.build_model(cfg, dataset.in_shape, dataset.num_classes))
             trial.set_user_attr("n_params", n_params)

@@ -4,8 +4,12 @@ The report reads the trials once into an in-memory study and draws every figure 
 views of it, so a study of thousands of trials takes seconds: epoch curves for the best trials
 plus a sample (pruned ones included), importances from a sample of completed trials, parallel
 coordinates over at most `_MAX_LINES` trials. plotly.js is inlined once in <head>, so the file
-opens offline. PNGs are drawn with matplotlib (optuna.visualization.matplotlib and two figures
-of our own): plotly's PNG export needs kaleido and a Chrome, which a server rarely has.
+opens offline. PNGs are drawn with matplotlib (optuna.visualization.matplotlib and figures of our
+own): plotly's PNG export needs kaleido and a Chrome, which a server rarely has.
+
+Every figure is sized for what it shows, so that it reads at its default size: slice plots are a
+grid that grows by rows, parallel coordinates show the most important parameters only, by their
+full names, and the importances say how little they mean when few trials have completed.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import html
 import json
+import math
 import random
+import textwrap
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -32,6 +38,13 @@ from search.storage import Store, mask_url, open_store
 _CURVES_TOP, _CURVES_SAMPLE = 20, 30  # epoch curves: the best trials, plus a sample of the rest
 _IMPORTANCE_SAMPLE = 300  # fANOVA on more trials costs seconds and changes little
 _MAX_LINES = 500  # parallel coordinates: one plotly trace per line; more is slow and a solid block
+# Legibility: every figure is sized for what it shows, and no text in a PNG is under _MIN_FONT pt
+# (at 100 dpi). Parallel coordinates keep the _MAX_AXES most important parameters (more axes
+# crowd into an unreadable block); slice plots are a grid of _SLICE_COLS columns, at most
+# _MAX_SLICES panels, the most important parameters first.
+_MAX_AXES, _MAX_SLICES, _SLICE_COLS = 8, 12, 3
+_MIN_FONT = 9
+_FEW_TRIALS = 30  # fewer completed trials than this: importances are mostly noise, and say so
 
 
 @dataclass
@@ -89,6 +102,109 @@ def _importances(view: optuna.Study) -> dict[str, float]:
     return importances
 
 
+def _importance_caveat(n_complete: int) -> str:
+    """What the importances rest on; a warning when that is too little to mean much."""
+    trials = f"{n_complete} completed trial{'s' if n_complete != 1 else ''}"
+    if n_complete < _FEW_TRIALS:
+        return f"from {trials}: with this few, importances are mostly noise; read them as a rough hint"
+    return f"from {trials}; they hold for the ranges searched, not beyond them"
+
+
+def _plot_params(trials: list, importances: dict[str, float], order: list[str]) -> list[str]:
+    """The parameters of the completed `trials`: by importance, then the rest in `order` (the spec's)."""
+    seen = {name for t in trials if t.state == TrialState.COMPLETE for name in t.params}
+    rest = [n for n in order if n in seen and n not in importances]
+    return [n for n in importances if n in seen] + rest + sorted(seen - set(importances) - set(rest))
+
+
+@dataclass
+class _Slice:
+    """One slice panel: x (a category's index for a categorical), the metric, the trial numbers."""
+
+    name: str
+    xs: list[float]
+    ys: list[float]
+    numbers: list[int]
+    log: bool = False
+    labels: list[str] | None = None  # categorical: the tick labels, in choice order
+
+
+def _slices(trials: list, params: list[str]) -> list[_Slice]:
+    """The slice panels of `params` over the completed trials (a trial without the param is left out)."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    jitter = random.Random(0)
+    panels = []
+    for name in params:
+        having = [t for t in done if name in t.params]
+        if not having:
+            continue
+        dist = having[0].distributions[name]
+        panel = _Slice(name, [], [t.value for t in having], [t.number for t in having])
+        if isinstance(dist, optuna.distributions.CategoricalDistribution):
+            choices = {json.dumps(c): c for t in having for c in getattr(t.distributions[name], "choices", ())}
+            choices.update({json.dumps(t.params[name]): t.params[name] for t in having})  # old trials, too
+            keys = list(choices)
+            panel.labels = [str(c) for c in choices.values()]
+            # spread a category's points sideways, so that a dozen trials are a dozen dots
+            panel.xs = [keys.index(json.dumps(t.params[name])) + jitter.uniform(-0.15, 0.15) for t in having]
+        else:
+            panel.log = bool(getattr(dist, "log", False))
+            panel.xs = [t.params[name] for t in having]
+        panels.append(panel)
+    return panels
+
+
+def _slice_grid(n: int) -> tuple[int, int]:
+    cols = min(n, _SLICE_COLS)
+    return max(1, math.ceil(n / max(cols, 1))), max(cols, 1)
+
+
+def _slice_figure(panels: list[_Slice], metric: str):
+    """Slice plots as a grid: one row per _SLICE_COLS parameters, the figure as tall as it needs."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    if not panels:
+        raise ValueError("no completed trial")
+    rows, cols = _slice_grid(len(panels))
+    fig = make_subplots(rows=rows, cols=cols, shared_yaxes="all", horizontal_spacing=0.05,
+                        vertical_spacing=min(0.3 / rows, 0.12))
+    numbers = [n for p in panels for n in p.numbers]
+    for i, p in enumerate(panels):
+        row, col = divmod(i, cols)
+        fig.add_scatter(
+            x=p.xs, y=p.ys, mode="markers", row=row + 1, col=col + 1, showlegend=False,
+            hovertext=[f"trial {n}" for n in p.numbers], hoverinfo="text+y",
+            marker={"size": 8, "color": p.numbers, "colorscale": "Blues", "cmin": min(numbers),
+                    "cmax": max(numbers), "line": {"width": 0.5, "color": "grey"}, "showscale": i == 0,
+                    "colorbar": {"title": "trial", "len": 1.0 if rows == 1 else max(0.4, 1.6 / rows),
+                                 "y": 1.0, "yanchor": "top"}})
+        xaxis = {"title_text": p.name, "row": row + 1, "col": col + 1}
+        if p.labels is not None:
+            xaxis.update(tickmode="array", tickvals=list(range(len(p.labels))), ticktext=p.labels,
+                         range=[-0.5, len(p.labels) - 0.5])
+        elif p.log:
+            xaxis.update(type="log", exponentformat="power")
+        fig.update_xaxes(**xaxis)
+        if col == 0:
+            fig.update_yaxes(title_text=metric, showticklabels=True, row=row + 1, col=col + 1)
+    fig.update_layout(title="Slice plots", height=120 + 280 * rows)
+    return fig
+
+
+def _parallel_figure(view: optuna.Study, params: list[str], metric: str):
+    """optuna's parallel coordinates of `params`, with their full names (optuna cuts them at 17
+    characters: `dropout_after_block_1` and `_2` read the same) at an angle."""
+    from optuna import visualization as vis
+
+    fig = vis.plot_parallel_coordinate(view, params=params, target_name=metric)
+    names = [metric] + sorted(params)  # optuna's axis order: the objective, then the params by name
+    if len(fig.layout.xaxis.ticktext or ()) == len(names):
+        fig.update_xaxes(ticktext=names, tickangle=-30 if len(names) > 5 else 0)
+    fig.update_layout(height=500, margin={"b": 130})
+    return fig
+
+
 def _curve_lines(trials: list, best_number: int | None):
     """(trial, group, colour, dashed, width) per curve: pruned ones over the others, the best on top."""
     order = {"complete": 0, "best": 2}
@@ -112,16 +228,17 @@ def _curves_figure(trials: list, best_number: int | None, metric: str):
                         line={"color": color, "dash": "dot" if dashed else "solid", "width": width},
                         hovertext=f"trial {t.number} ({t.state.name.lower()})", hoverinfo="text+y")
         seen.add(group)
-    fig.update_layout(title="Intermediate values per epoch", xaxis_title="epoch (from 0)", yaxis_title=metric)
+    fig.update_layout(title="Intermediate values per epoch", xaxis_title="Optuna step (= epoch - 1)", yaxis_title=metric)
     return fig
 
 
-def _importance_figure(importances: dict[str, float]):
+def _importance_figure(importances: dict[str, float], caveat: str):
     import plotly.graph_objects as go
 
     names = list(importances)[::-1]
     fig = go.Figure(go.Bar(x=[importances[n] for n in names], y=names, orientation="h"))
-    fig.update_layout(title="Parameter importances (fANOVA)", xaxis_title="importance")
+    fig.update_layout(title=f"Parameter importances (fANOVA)<br><sup>{html.escape(caveat)}</sup>",
+                      xaxis_title="importance", height=160 + 28 * len(names), margin={"t": 90})
     return fig
 
 
@@ -178,22 +295,35 @@ def build_report(study: optuna.Study, spec, *, url: str | None = None, top: int 
             figures[name] = (title, None, "")
             notes[title] = f"not drawn: {' '.join(str(exc).split()) or exc.__class__.__name__}"
 
+    n_importance = min(len(ranked), _IMPORTANCE_SAMPLE)
+    caveat = _importance_caveat(n_importance)
+
     def make_importances():
         importances.update(_importances(_view(_seeded_sample(ranked, _IMPORTANCE_SAMPLE), spec.direction)))
-        return _importance_figure(importances)
+        return _importance_figure(importances, caveat)
 
     add("history", "Optimization history", lambda: vis.plot_optimization_history(view, target_name=spec.metric))
     add("intermediate", "Intermediate values per epoch", lambda: _curves_figure(curves, best and best.number,
         spec.metric), f"{len(curves)} of {len(with_curves)} trials: the best {_CURVES_TOP} and a sample; "
         "pruned trials dotted grey, the best in red")
-    add("importances", "Parameter importances", make_importances,
-        f"from {min(len(ranked), _IMPORTANCE_SAMPLE)} completed trials")
-    add("parallel", "Parallel coordinates", lambda: vis.plot_parallel_coordinate(lines_view, target_name=spec.metric),
-        f"{len(lines_view.trials)} of {len(trials)} trials" if lines_view is not view else "")
-    add("slice", "Slice plots", lambda: vis.plot_slice(view, target_name=spec.metric))
+    add("importances", "Parameter importances", make_importances, caveat)
+    # drawn after the importances: they choose and order the parameters of the next two figures
+    params = _plot_params(ranked, importances, [p.name for p in spec.space])
 
-    pngs = _write_pngs(Path(png_dir), view, lines_view, curves, best, importances, spec.metric, figures) \
-        if png_dir else []
+    def first(k: int) -> str:
+        return f"the {k} {'most important' if len(importances) >= k else 'first'} of {len(params)} parameters"
+
+    axes = params[:_MAX_AXES]
+    add("parallel", "Parallel coordinates", lambda: _parallel_figure(lines_view, axes, spec.metric), "; ".join(
+        ([f"{len(lines_view.trials)} of {len(trials)} trials"] if lines_view is not view else [])
+        + ([first(len(axes))] if len(params) > len(axes) else [])))
+    panels = _slices(trials, params[:_MAX_SLICES])
+    add("slice", "Slice plots", lambda: _slice_figure(panels, spec.metric),
+        "completed trials, darker ones later; categories spread sideways"
+        + (f"; {first(len(panels))}" if len(params) > len(panels) else ""))
+
+    pngs = _write_pngs(Path(png_dir), view, lines_view, curves, best, importances, spec.metric, figures,
+                       axes=axes, panels=panels, caveat=caveat) if png_dir else []
     best_cfg = json.dumps(config.to_dict(space.params_to_config(spec, best.params)), indent=2) if best else None
     page = _page(study, spec, trials, ranked[:top], figures, notes, best, best_cfg, url and mask_url(url))
     return Report(page, [title for title, _, _ in figures.values()], notes, pngs)
@@ -238,11 +368,15 @@ def _page(study, spec, trials, top_trials, figures, notes, best, best_cfg, stora
             + "\n".join(p for p in parts if p) + "</body></html>")
 
 
-def _write_pngs(out: Path, view, lines_view, curves, best, importances, metric, figures) -> list[Path]:
+def _write_pngs(out: Path, view, lines_view, curves, best, importances, metric, figures, *,
+                axes: list[str], panels: list[_Slice], caveat: str) -> list[Path]:
+    """The figures as PNG files, each sized for what it shows (slice plots grow by rows, parallel
+    coordinates by axes, importances by bars) with no text under _MIN_FONT pt at 100 dpi."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never a window
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, NullFormatter
     from optuna.visualization import matplotlib as mvis
 
     def curves_plot():
@@ -253,40 +387,94 @@ def _write_pngs(out: Path, view, lines_view, curves, best, importances, metric, 
             ax.plot(steps, [t.intermediate_values[s] for s in steps], ":" if dashed else "-", color=color,
                     lw=width, label=None if group in seen else group)
             seen.add(group)
-        ax.set(title="Intermediate values per epoch", xlabel="epoch (from 0)", ylabel=metric)
+        ax.set(title="Intermediate values per epoch", xlabel="Optuna step (= epoch - 1)", ylabel=metric)
         ax.legend()
-        return ax
+        return fig
 
     def importance_plot():
-        fig, ax = plt.subplots(figsize=(8, max(2.5, 0.4 * len(importances))))
+        fig, ax = plt.subplots(figsize=(8, 1.4 + 0.4 * len(importances)), layout="constrained")
         names = list(importances)[::-1]
         ax.barh(names, [importances[n] for n in names])
-        ax.set(title="Parameter importances (fANOVA)", xlabel="importance")
-        return ax
+        ax.set_xlabel("importance")
+        ax.set_title("\n".join(textwrap.wrap(caveat, 70)), fontsize=_MIN_FONT + 1,
+                     color="#a60" if "noise" in caveat else "#555", loc="left")
+        fig.suptitle("Parameter importances (fANOVA)", fontsize="x-large", x=0.02, ha="left")
+        return fig
 
-    makers = {"history": lambda: mvis.plot_optimization_history(view, target_name=metric),
-              "intermediate": curves_plot, "importances": importance_plot,
-              "parallel": lambda: mvis.plot_parallel_coordinate(lines_view, target_name=metric),
-              "slice": lambda: mvis.plot_slice(view, target_name=metric)}
+    def history_plot():
+        fig = mvis.plot_optimization_history(view, target_name=metric).figure
+        fig.set_size_inches(8, 5)
+        return fig
+
+    def parallel_plot():
+        ax = mvis.plot_parallel_coordinate(lines_view, params=axes, target_name=metric)
+        names = [metric] + sorted(axes)  # optuna's axis order; it cuts the names at 17 characters
+        if len(ax.get_xticks()) == len(names):
+            ax.set_xticks(range(len(names)), names, rotation=30, ha="right", rotation_mode="anchor")
+        ax.figure.set_size_inches(2.5 + 1.4 * len(names), 6)
+        ax.figure.subplots_adjust(left=0.04, right=0.98)  # the colorbar sits in this span too
+        for other in ax.figure.axes[1:]:  # each axis's values are written over the lines: keep them readable
+            other.grid(False)
+            for label in other.get_yticklabels():
+                label.set_bbox({"facecolor": "white", "alpha": 0.75, "edgecolor": "none", "pad": 1})
+        return ax.figure
+
+    def slice_plot():
+        rows, cols = _slice_grid(len(panels))
+        fig, grid = plt.subplots(rows, cols, figsize=(1.5 + 3.6 * cols, 0.8 + 3.0 * rows), sharey=True,
+                                 squeeze=False, layout="constrained")
+        numbers = [n for p in panels for n in p.numbers]
+        norm = matplotlib.colors.Normalize(min(numbers), max(numbers))
+        for ax, p in zip(grid.ravel(), panels):
+            dots = ax.scatter(p.xs, p.ys, c=p.numbers, cmap="Blues", norm=norm, s=40, edgecolors="grey",
+                              linewidths=0.6)
+            ax.set_xlabel(p.name)
+            if p.log:  # labels at the decades only (at 1, 2, 5 x 10^k over a short span): they never overlap
+                ax.set_xscale("log")
+                short = max(p.xs) < 30 * min(p.xs)
+                ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if short else (1.0,), numticks=6))
+                ax.xaxis.set_minor_formatter(NullFormatter())
+            if p.labels is not None:
+                long = sum(len(label) for label in p.labels) > 24
+                ax.set_xticks(range(len(p.labels)), [textwrap.shorten(label, 14, placeholder="…")
+                                                     for label in p.labels],
+                              rotation=25 if long else 0, ha="right" if long else "center")
+                ax.set_xlim(-0.5, len(p.labels) - 0.5)
+        for ax in grid[:, 0]:
+            ax.set_ylabel(metric)
+        for ax in grid.ravel()[len(panels):]:
+            ax.set_visible(False)
+        fig.colorbar(dots, ax=grid, label="trial", shrink=1.0 if rows == 1 else max(0.4, 1.6 / rows))
+        fig.suptitle("Slice plots: completed trials, darker ones later", fontsize="x-large")
+        return fig
+
+    makers = {"history": history_plot, "intermediate": curves_plot, "importances": importance_plot,
+              "parallel": parallel_plot, "slice": slice_plot}
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, (title, fig, _) in figures.items():
-        if fig is None:
-            continue
-        with _quiet():
-            axes = makers[name]()
-        figure = getattr(axes, "figure", None) or axes.ravel()[0].figure
-        figure.savefig(out / f"{name}.png", dpi=100, bbox_inches="tight")
-        plt.close(figure)
-        written.append(out / f"{name}.png")
+    # optuna's plots switch to the ggplot style process-wide: keep that (and our font floor) to
+    # these figures, not to the caller's later ones
+    with matplotlib.rc_context():
+        plt.style.use("ggplot")
+        matplotlib.rcParams.update({"font.size": 10, "legend.fontsize": _MIN_FONT + 1})
+        for name, (title, fig, _) in figures.items():
+            if fig is None:
+                continue
+            with _quiet():
+                figure = makers[name]()
+            try:
+                figure.savefig(out / f"{name}.png", dpi=100, bbox_inches="tight")
+            finally:
+                plt.close(figure)
+            written.append(out / f"{name}.png")
     return written
 
 
 def write_report(name: str, path: str | Path, store: Store | str | None = None, *, top: int = 20,
                  png_dir: str | Path | None = None) -> Report:
     """Load study `name` and write its report to `path` (atomically); see `build_report`."""
-    store = open_store(store, heartbeat_interval=None)
-    study, spec = study_mod.load(name, store)
+    store = open_store(store, heartbeat_interval=None, create=False)
+    study, spec = study_mod.load(name, store, validate=False)
     report = build_report(study, spec, url=store.url, top=top, png_dir=png_dir)
     write_atomic(path, lambda f: f.write(report.html.encode()))
     return report

@@ -296,11 +296,21 @@ def representative(param: Param) -> Any:
 
 def fill_params(space: Sequence[Param], forced: Mapping[str, Any]) -> dict[str, Any]:
     """Values for every active parameter: `forced` where given, else the representative value."""
+    return _fill(check_space(space), forced)
+
+
+def _fill(ordered: Sequence[Param], forced: Mapping[str, Any]) -> dict[str, Any]:
+    """fill_params on a space already in dependency order."""
     values: dict[str, Any] = {}
-    for p in check_space(space):
+    for p in ordered:
         if is_active(p, values):
             values[p.name] = forced.get(p.name, representative(p))
     return values
+
+
+def corner_values(param: Param) -> tuple:
+    """The values corner_params tries for `param`: each choice, or both ends of the range."""
+    return tuple(param.choices) if param.type == "categorical" else tuple(sorted({param.low, param.high}))
 
 
 def corner_params(space: Sequence[Param]) -> Iterator[tuple[Param | None, Any, dict[str, Any]]]:
@@ -317,8 +327,41 @@ def corner_params(space: Sequence[Param]) -> Iterator[tuple[Param | None, Any, d
     yield None, None, fill_params(space, {})
     for p in check_space(space):
         forced = {name: allowed[0] for name, allowed in _requirements(p, by_name).items()}
-        for value in (p.choices if p.type == "categorical" else sorted({p.low, p.high})):
+        for value in corner_values(p):
             yield p, value, fill_params(space, {**forced, p.name: value})
+
+
+def corner_pairs(space: Sequence[Param], among: Sequence[Param] | None = None
+                 ) -> Iterator[tuple[Param, Any, Param, Any, dict[str, Any]]]:
+    """Params dicts where two parameters take a corner value each, every pair of them once.
+
+    Yields (p, v, q, w, params) for each two parameters of `among` (default: all) and each of
+    their corner values (`corner_values`) that can occur together: both active, with their
+    conditions met (parents forced as in corner_params); every other active parameter is
+    representative. Pairs whose conditions exclude each other are left out. What single
+    corners cannot see: two values each fine alone but not together (nesterov = true where
+    optimizer can be adam).
+    """
+    ordered = check_space(space)
+    by_name = {p.name: p for p in space}
+    chosen = ordered if among is None else [p for p in ordered if p in among]
+    needs = {p.name: _requirements(p, by_name) for p in chosen}
+    for i, p in enumerate(chosen):
+        for q in chosen[i + 1:]:
+            parents = {}  # a value each ancestor may take for both to be active
+            for name in needs[p.name].keys() | needs[q.name].keys():
+                a, b = needs[p.name].get(name), needs[q.name].get(name)
+                both = a if b is None else b if a is None else [x for x in a if any(same(x, y) for y in b)]
+                if not both:
+                    break
+                parents[name] = both[0]
+            else:
+                for v in corner_values(p):
+                    for w in corner_values(q):
+                        params = _fill(ordered, {**parents, p.name: v, q.name: w})
+                        if (p.name in params and q.name in params and same(params[p.name], v)
+                                and same(params[q.name], w)):
+                            yield p, v, q, w, params
 
 
 def _requirements(param: Param, by_name: Mapping[str, Param]) -> dict[str, list]:

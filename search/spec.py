@@ -4,11 +4,16 @@ Everything is checked here, before anything touches storage, and every problem i
 naming the file and the key: `studies/x.toml: space.lr.low: must be > 0 when log = true, got 0`.
 The spec round-trips through JSON (`spec_to_dict` / `spec_from_dict`) so it can live in the
 study's user attrs and workers need no file. See studies/*.toml for the format.
+
+`load_spec` also checks the file's models against its data (`search/check.py`: every model the
+study is sure to meet, built on the meta device); `spec_from_dict` checks the file's contents
+only, so a stored spec loads on any machine, with or without the data.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import math
 import re
@@ -20,17 +25,18 @@ from typing import Any, Mapping
 
 import optuna
 
-from . import config
+from . import check, config
 from .errors import SpecError
 from .objectives import Objective, objective
 from .config import DATA_FIELDS
 from .space import (Param, SpaceError, apply_params, check_space, contains, corner_params, fill_params, is_active,
-                    parse_param, split_target)
+                    parse_param, split_target, suggest_params)
 
 SECTIONS = ("study", "data", "fixed", "space", "sampler", "pruner", "enqueue")
-STUDY_KEYS = ("name", "direction", "metric", "n_trials", "timeout", "description")
+STUDY_KEYS = ("name", "direction", "metric", "n_trials", "timeout", "description", "max_params", "max_memory")
 FIXED_FIELDS = tuple(f for f in config.FIELDS if f not in DATA_FIELDS)
 _STUDY_NAME = re.compile(r"[A-Za-z0-9_-]+")
+SEEDS = 2**32  # sampler seeds are in [0, SEEDS): what NumPy's RandomState takes
 
 
 class _Invalid(SpecError):
@@ -60,6 +66,8 @@ class StudySpec:
     sampler: ClassSpec
     pruner: ClassSpec
     enqueue: tuple[dict, ...]  # configurations to try first, by parameter name
+    max_params: int = check.MAX_PARAMS  # no model of the study may have more trainable parameters
+    max_memory: int = check.MAX_MEMORY  # bytes: estimated activation memory of one training batch
 
     @property
     def metric(self) -> str:
@@ -71,7 +79,7 @@ class StudySpec:
         return self.objectives[0].direction
 
 
-def load_spec(path: str | Path, overrides: list[str] | None = None) -> StudySpec:
+def load_spec(path: str | Path, overrides: list[str] | None = None, data_dir: str | None = None) -> StudySpec:
     """Reads and validates a study file.
 
     Args:
@@ -79,9 +87,13 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> StudySpec
         overrides: `section.key=value` changes applied before validation (values parsed as
             JSON, else strings), e.g. `study.n_trials=12`, `data.subset=10000`, `fixed.epochs=4`:
             a shipped study at a smaller budget without editing the file.
+        data_dir: this machine's data directory (a command's --data-dir), for the checks only
+            (see `with_data_dir`); the spec returned keeps the file's data.data_dir.
 
     Raises:
-        SpecError: the file is missing, not TOML, or anything in it is invalid (one line).
+        SpecError: the file is missing, not TOML, anything in it is invalid, or a model it is sure
+            to meet does not build against the data, or is over study.max_params or max_memory
+            (one line).
     """
     path = Path(path)
     try:
@@ -97,15 +109,60 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> StudySpec
             doc = config.merge(doc, config.parse_overrides(overrides))
         except config.ConfigError as err:
             raise SpecError(f"{path}: {err}") from None
-    return spec_from_dict(doc, source=str(path))
-
-
-def spec_from_dict(doc: Mapping[str, Any], source: str = "stored spec") -> StudySpec:
-    """Validates a study given as a dict (a parsed study file, or `spec_to_dict` output)."""
+    spec = spec_from_dict(doc, source=str(path))
     try:
-        return _parse(doc)
+        check.check_spec(with_data_dir(spec, data_dir))
+    except SpecError as err:
+        raise SpecError(f"{path}: {_printable(str(err))}") from None
+    return spec
+
+
+def with_data_dir(spec: StudySpec, data_dir: str | None = None) -> StudySpec:
+    """The spec as this machine runs it: data.data_dir chosen by `datasets.choose_data_dir`
+    (`data_dir`, a command's --data-dir > $CNNSEARCH_DATA > the spec's own > ./data). The data
+    directory belongs to the machine, not the study: workers use this copy, and the stored spec
+    keeps what the study file said.
+    """
+    from .datasets import choose_data_dir  # loads torch: only when a command gets this far
+
+    chosen = choose_data_dir(data_dir, spec.data.get("data_dir"))
+    if chosen == spec.data.get("data_dir"):
+        return spec
+    return dataclasses.replace(spec, data={**spec.data, "data_dir": chosen})
+
+
+def spec_from_dict(doc: Mapping[str, Any], source: str = "stored spec", *, validate: bool = True) -> StudySpec:
+    """Validates a study given as a dict (a parsed study file, or `spec_to_dict` output).
+
+    `validate=False` is for a spec this program stored after validating it (`study.load` for
+    status, best, export, report): its layout is checked and the dataclasses rebuilt, but its
+    names and values are not checked again against the models, the datasets and Optuna, which
+    would import torch and run a trial of the sampler: seconds, for a command that reads.
+    """
+    try:
+        return _parse(doc) if validate else _rebuild(doc)
     except (_Invalid, SpaceError) as err:
         raise SpecError(f"{source}: {_printable(str(err))}") from None
+
+
+def _rebuild(doc: Mapping[str, Any]) -> StudySpec:
+    """A stored (already validated) spec as a StudySpec: the same dataclasses `_parse` makes,
+    equal to them for the same dict, from the cheap checks only (no torch, no trial)."""
+    doc = copy.deepcopy(dict(doc))
+    unknown = [k for k in doc if k not in SECTIONS]
+    if unknown:
+        raise _Invalid(f"{unknown[0]}: unknown section (valid: {', '.join(SECTIONS)})")
+    head = _parse_study(_table(doc, "study", STUDY_KEYS))
+    data, fixed = _table(doc, "data"), _table(doc, "fixed")
+    space = check_space([parse_param(name, table, fixed) for name, table in _table(doc, "space").items()])
+    by_name = {p.name: p for p in space}
+    enqueue = tuple({k: float(v) if k in by_name and by_name[k].type == "float" else v for k, v in entry.items()}
+                    for entry in _list(doc, "enqueue"))
+    classes = {}
+    for section, default in (("sampler", "TPESampler"), ("pruner", "MedianPruner")):
+        table = _table(doc, section, ("name", "kwargs"))
+        classes[section] = ClassSpec(name=table.get("name", default), kwargs=dict(table.get("kwargs", {})))
+    return StudySpec(**head, data=data, fixed=fixed, space=space, enqueue=enqueue, **classes)
 
 
 def _printable(text: str) -> str:
@@ -119,6 +176,9 @@ def spec_to_dict(spec: StudySpec) -> dict[str, Any]:
              "description": spec.description}
     if spec.timeout is not None:
         study["timeout"] = spec.timeout
+    for key, default in (("max_params", check.MAX_PARAMS), ("max_memory", check.MAX_MEMORY)):
+        if getattr(spec, key) != default:  # defaults left out: specs stored before these keys compare equal
+            study[key] = getattr(spec, key)
     return copy.deepcopy({
         "study": study, "data": spec.data, "fixed": spec.fixed,
         "space": {p.name: _param_to_dict(p) for p in spec.space},
@@ -131,7 +191,7 @@ def make_sampler(spec: StudySpec, seed_offset: int = 0) -> optuna.samplers.BaseS
     """The spec's sampler; a `seed` kwarg is shifted by `seed_offset` so each worker draws differently."""
     kwargs = copy.deepcopy(spec.sampler.kwargs)
     if "seed" in kwargs:
-        kwargs["seed"] += seed_offset
+        kwargs["seed"] = (kwargs["seed"] + seed_offset) % SEEDS  # a pid added to a seed near 2**32 stays a seed
     return getattr(optuna.samplers, spec.sampler.name)(**kwargs)
 
 
@@ -191,10 +251,12 @@ def _parse(doc: Mapping[str, Any]) -> StudySpec:
         _check_config(base, space, params, param)
     enqueue = tuple(_parse_enqueued(i, entry, space, base) for i, entry in enumerate(_list(doc, "enqueue")))
 
-    return StudySpec(**head, data=data, fixed=fixed, space=space,
+    spec = StudySpec(**head, data=data, fixed=fixed, space=space,
                      sampler=_class_spec(doc, "sampler", optuna.samplers, optuna.samplers.BaseSampler, "TPESampler"),
                      pruner=_class_spec(doc, "pruner", optuna.pruners, optuna.pruners.BasePruner, "MedianPruner"),
                      enqueue=enqueue)
+    _check_sampling(spec)
+    return spec
 
 
 def _parse_study(study: Mapping[str, Any]) -> dict[str, Any]:
@@ -208,13 +270,21 @@ def _parse_study(study: Mapping[str, Any]) -> dict[str, Any]:
     n_trials, timeout = study.get("n_trials"), study.get("timeout")
     if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1:
         raise _Invalid(f"study.n_trials: expected an integer >= 1, got {n_trials!r}")
-    if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0):
+    if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
+                                or not 0 < timeout < math.inf):  # nan is no number of seconds either
         raise _Invalid(f"study.timeout: expected seconds > 0, got {timeout!r}")
+    max_params = study.get("max_params", check.MAX_PARAMS)
+    if not isinstance(max_params, int) or isinstance(max_params, bool) or max_params < 1:
+        raise _Invalid(f"study.max_params: expected an integer >= 1, got {max_params!r}")
+    max_memory = check.parse_bytes(study.get("max_memory", check.MAX_MEMORY))
+    if max_memory is None:
+        raise _Invalid(f"study.max_memory: expected a number of bytes >= 1, like 8589934592 or \"8GiB\", "
+                       f"got {study['max_memory']!r}")
     description = study.get("description", "")
     if not isinstance(description, str):
         raise _Invalid(f"study.description: expected a string, got {description!r}")
     return dict(name=name, objectives=(goal,), n_trials=n_trials, timeout=timeout,
-                description=description)
+                description=description, max_params=max_params, max_memory=max_memory)
 
 
 def _check_plain(key: str, value: Any) -> None:
@@ -313,8 +383,9 @@ def _class_spec(doc: Mapping[str, Any], section: str, module: Any, base: type, d
         for key in kwargs:
             if key not in accepted:
                 raise _Invalid(f"{section}.kwargs.{key}: not an argument of {name} (valid: {', '.join(accepted)})")
-    if "seed" in kwargs and (not isinstance(kwargs["seed"], int) or isinstance(kwargs["seed"], bool)):
-        raise _Invalid(f"{section}.kwargs.seed: expected an integer, got {kwargs['seed']!r}")
+    seed = kwargs.get("seed")  # NumPy's range; a worker adds its pid to it, modulo 2**32 (make_sampler)
+    if "seed" in kwargs and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEEDS):
+        raise _Invalid(f"{section}.kwargs.seed: expected an integer in [0, 2**32), got {seed!r}")
     try:
         inspect.signature(cls).bind(**kwargs)
         with warnings.catch_warnings():
@@ -324,3 +395,63 @@ def _class_spec(doc: Mapping[str, Any], section: str, module: Any, base: type, d
         first = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
         raise _Invalid(f"{section}.kwargs: {name} rejects them ({first})") from None
     return ClassSpec(name=name, kwargs=dict(kwargs))
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{err.__class__.__name__}: {text.splitlines()[0]}" if text else err.__class__.__name__
+
+
+class _NamedTrial:
+    """An optuna.Trial that remembers which parameter it was last asked to suggest."""
+
+    def __init__(self, trial: optuna.Trial):
+        self.trial, self.suggesting = trial, None
+
+    def __getattr__(self, attr: str) -> Any:
+        method = getattr(self.trial, attr)
+        if not attr.startswith("suggest_"):
+            return method
+
+        def suggest(name: str, *args: Any, **kwargs: Any) -> Any:
+            self.suggesting = name
+            return method(name, *args, **kwargs)
+
+        return suggest
+
+
+def _check_sampling(spec: StudySpec) -> None:
+    """The sampler and pruner checked by use, not only by name: one trial on a throwaway
+    in-memory study, as a worker runs it (ask, suggest the space, report, should_prune, tell),
+    then every parameter its conditions left out, so that a sampler that cannot sample the
+    space (a GridSampler whose search_space misses a parameter) is one line here instead of
+    a failed trial, again and again, in every worker."""
+    sampler = spec.sampler
+    where = ("sampler.kwargs.search_space" if "search_space" in sampler.kwargs
+             else "sampler.kwargs" if sampler.kwargs else "sampler.name")
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # "A new study created in memory", grid warnings
+    step = f"{where}: {sampler.name} cannot start a trial"
+    trial = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            study = optuna.create_study(direction=spec.direction, sampler=make_sampler(spec),
+                                        pruner=make_pruner(spec))
+            trial = _NamedTrial(study.ask())
+            step = "sampling"
+            values = suggest_params(trial, spec)  # the worker's path: active parameters, parents first
+            for p in spec.space:  # and those its conditions left out, each as if it were active
+                if p.name not in values:
+                    suggest_params(trial, (dataclasses.replace(p, when=()),))
+            step = f"pruner: {spec.pruner.name} fails on a trial's first report"
+            trial.report(0.0, 0)
+            trial.should_prune()
+            step = f"{where}: {sampler.name} cannot finish a trial"
+            study.tell(trial.trial, 0.0)
+    except Exception as err:  # noqa: BLE001 - whatever the sampler or pruner raises is this spec's fault
+        if step == "sampling":
+            step = f"{where}: {sampler.name} cannot sample space.{trial.suggesting}"
+        raise _Invalid(f"{step} ({_first_line(err)})") from None
+    finally:
+        optuna.logging.set_verbosity(verbosity)

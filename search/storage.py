@@ -13,12 +13,15 @@ bounds Optuna to the releases it is tested with. A command opens its storage onc
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import random
+import stat
 import time
 import warnings
 from dataclasses import dataclass
+from datetime import datetime
 
 import optuna
 import sqlalchemy
@@ -50,6 +53,12 @@ OPTUNA_INTERNALS = (
     ("instance", "Study._study_id"),
     ("instance", "Trial._trial_id"),
     ("optuna.study._optimize", "_run_trial"),  # OPTIMIZE_LOGGER below is this module's logger
+    ("optuna.storages._rdb.models", "BaseModel"),  # the schema: delete_study's tables
+    ("optuna.storages._rdb.models", "StudyModel"),
+    ("optuna.storages._rdb.models", "StudyUserAttributeModel"),
+    ("optuna.storages._rdb.models", "TrialHeartbeatModel"),
+    ("optuna.storages._rdb.models", "TrialUserAttributeModel"),
+    ("instance", "_CachedStorage._study_id_and_number_to_trial_id"),
 )
 # Optuna logs "Trial N failed with ..." (and its traceback) on this logger; the worker filters it.
 OPTIMIZE_LOGGER = "optuna.study._optimize"
@@ -60,12 +69,46 @@ OPTIMIZE_LOGGER = "optuna.study._optimize"
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
-from search.errors import StorageError
+from search.errors import StorageError, StudyError, StudyGone
+
+STORAGE_FILE_ENV = "CNNSEARCH_STORAGE_FILE"  # a file (mode 0600) holding the URL, password and all
+UID_ATTR = "cnnsearch_uid"  # study user attr: a uuid set at create, so a re-created study is another one
 
 
 def storage_url(url: str | None = None) -> str:
-    """`--storage` -> $CNNSEARCH_STORAGE -> a SQLite file in the working directory."""
-    return url or os.environ.get("CNNSEARCH_STORAGE") or DEFAULT_URL
+    """`--storage` -> $CNNSEARCH_STORAGE -> the file named by $CNNSEARCH_STORAGE_FILE -> a SQLite
+    file in the working directory. (The CLI's --storage reads $CNNSEARCH_STORAGE itself.)
+
+    Raises:
+        StorageError: the storage file is missing, empty, or readable by group or others.
+    """
+    if url or os.environ.get("CNNSEARCH_STORAGE"):
+        return url or os.environ["CNNSEARCH_STORAGE"]
+    path = os.environ.get(STORAGE_FILE_ENV)
+    return read_storage_file(path) if path else DEFAULT_URL
+
+
+def read_storage_file(path: str) -> str:
+    """The URL in `path`: one line (blank lines and # comments aside), in a file only its owner
+    can read or write, since the URL may hold a password. The contents never appear in an error."""
+    where = f"{STORAGE_FILE_ENV}={path}"
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise StorageError(f"{where}: not a regular file")
+        if info.st_mode & 0o077:
+            raise StorageError(f"{where}: the file is open to group or others (mode "
+                               f"{stat.S_IMODE(info.st_mode):04o}) and may hold a password; chmod 600 {path}")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise StorageError(f"{where}: cannot read it ({exc.strerror or exc.__class__.__name__})") from None
+    except UnicodeDecodeError:
+        raise StorageError(f"{where}: not a text file") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    if len(lines) != 1:
+        raise StorageError(f"{where}: expected one line with the storage URL, found {len(lines)}")
+    return lines[0]
 
 
 @dataclass(frozen=True)
@@ -85,7 +128,8 @@ class Store:
 def open_store(url: "str | Store | None" = None, **kwargs) -> Store:
     """A Store for `url` (None: `storage_url()`); a Store given is returned as it is.
 
-    Keyword arguments are `open_storage`'s (heartbeat_interval, grace_period, sync_seconds).
+    Keyword arguments are `open_storage`'s (heartbeat_interval, grace_period, sync_seconds,
+    create: False for every command that reads or works on existing studies).
     """
     if isinstance(url, Store):
         return url
@@ -106,6 +150,13 @@ def trial_id(trial) -> int:
 def stored_trial(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
     """A live trial as the storage has it now (attributes other workers may have written)."""
     return trial.study._storage.get_trial(trial._trial_id)
+
+
+def started_trial(study: optuna.Study) -> int | None:
+    """The id of the trial this process last set RUNNING in `study`'s storage (created or
+    claimed by `ask`), or None: where `ask` failed after that (a sampler's `before_trial`),
+    the only way to find the trial it left RUNNING."""
+    return getattr(study._storage, "last_started", None)
 
 
 def mask_url(url: str) -> str:
@@ -188,10 +239,99 @@ class TrialCache(_CachedStorage):
         self.sync_seconds = sync_seconds
         self._read_at: dict[int, float] = {}  # study id -> monotonic time of the last read
         self._started: dict[int, optuna.trial.FrozenTrial] = {}  # trial id -> as inserted, until first read
+        self.last_started: int | None = None  # the trial this process last set RUNNING (see started_trial)
+        self._watched: dict[int, tuple[str, str | None]] = {}  # study id -> (name, uid): see watch()
 
     @property
     def engine(self) -> sqlalchemy.Engine:
         return self._backend.engine
+
+    # --- a worker's study deleted under it ------------------------------------------------------
+    # `delete --force` or `create --replace --force` may delete the study a worker runs on. On
+    # SQLite a study created next can take the same study id, and its trials the same trial ids,
+    # so a write by id could land in the new study. A worker therefore watches its study: before
+    # every write to one of its trials (and before a new trial) the study is checked to be still
+    # there under its name with the uid it had (UID_ATTR), else StudyGone. One small query.
+
+    def watch(self, study_id: int, name: str, uid: str | None) -> None:
+        self._watched[study_id] = (name, uid)
+
+    def unwatch(self, study_id: int) -> None:
+        self._watched.pop(study_id, None)
+
+    def check_study(self, study_id: int) -> None:
+        """Raise StudyGone if the watched study `study_id` was deleted (or deleted and created
+        again); nothing for a study that is not watched."""
+        watched = self._watched.get(study_id)
+        if watched is not None:
+            gone = study_gone(self.engine, study_id, *watched)
+            if gone is not None:
+                raise StudyGone(gone)
+
+    def _check_trial(self, trial_id: int) -> None:
+        if self._watched:
+            where = self._trial_id_to_study_id_and_number.get(trial_id)
+            if where is not None:
+                self.check_study(where[0])
+
+    def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float, distribution) -> None:
+        self._check_trial(trial_id)
+        super().set_trial_param(trial_id, param_name, param_value_internal, distribution)
+
+    def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
+        self._check_trial(trial_id)
+        super().set_trial_intermediate_value(trial_id, step, intermediate_value)
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value) -> None:
+        self._check_trial(trial_id)
+        super().set_trial_user_attr(trial_id, key, value)
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value) -> None:
+        self._check_trial(trial_id)
+        super().set_trial_system_attr(trial_id, key, value)
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        """The heartbeat thread's beat; once the trial's study is gone, nothing (the thread must
+        not die with a traceback: the worker stops at its next write, with one line)."""
+        try:
+            self._check_trial(trial_id)
+            super().record_heartbeat(trial_id)
+        except StudyGone:
+            return
+        except Exception as exc:
+            if connection_problem(exc) is not None:
+                return  # the database is away (the check's query too): the next beat tries again
+            try:
+                gone = self._trial_gone(trial_id)
+            except Exception:  # noqa: BLE001
+                gone = False
+            if gone:
+                return  # deleted with its study while this beat waited for the delete's locks
+            raise
+
+    def _trial_gone(self, trial_id: int) -> bool:
+        try:
+            self._check_trial(trial_id)
+        except StudyGone:
+            return True
+        trials = rdb_models.TrialModel.__table__
+        with self.engine.connect() as conn:
+            return conn.execute(sqlalchemy.select(trials.c.trial_id).where(trials.c.trial_id == trial_id)).first() is None
+
+    def delete_study(self, study_id: int) -> None:
+        """Delete the study with all its rows, in one transaction that first locks the study and
+        its trials (PostgreSQL), so that a worker's insert at the same moment waits and then
+        fails instead of rolling the delete back (Optuna's own delete ignores that rollback);
+        then make sure it is gone, trying again a few times. Raises KeyError for an unknown id
+        (as Optuna does) and StudyError when the study is still there after the last try."""
+        with self._lock:
+            if study_id in self._studies:
+                for number in self._studies[study_id].trials:
+                    trial_id = self._study_id_and_number_to_trial_id.pop((study_id, number), None)
+                    self._trial_id_to_study_id_and_number.pop(trial_id, None)
+                del self._studies[study_id]
+        self._read_at.pop(study_id, None)
+        _delete_study_rows(self.engine, study_id)
 
     def _read_trials_from_remote_storage(self, study_id: int) -> None:
         now = time.monotonic()
@@ -201,12 +341,14 @@ class TrialCache(_CachedStorage):
         self._read_at[study_id] = now
 
     def create_new_trial(self, study_id: int, template_trial=None) -> int:
+        self.check_study(study_id)
         trial_id = super().create_new_trial(study_id, template_trial)
         with self._lock:
             _, number = self._trial_id_to_study_id_and_number[trial_id]
             trial = self._studies[study_id].trials[number]
             if trial.state == TrialState.RUNNING:  # a WAITING one (a retry) is for any worker to claim
                 self._started[trial_id] = trial
+                self.last_started = trial_id
         return trial_id
 
     def get_trial(self, trial_id: int) -> optuna.trial.FrozenTrial:
@@ -215,14 +357,149 @@ class TrialCache(_CachedStorage):
         return copy.deepcopy(started) if started is not None else super().get_trial(trial_id)
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
+        self._check_trial(trial_id)
         self._started.pop(trial_id, None)
         updated = super().set_trial_state_values(trial_id, state, values)
+        if updated and state == TrialState.RUNNING:
+            self.last_started = trial_id  # a WAITING trial claimed by `ask`
         self._read_at.clear()
         if updated and state.is_finished() and trial_id in self._trial_id_to_study_id_and_number:
             # Re-read now: `tell` reads the finished trial back at once (then from memory), and
             # the next `ask` lists the study within the window.
             self._read_trials_from_remote_storage(self._trial_id_to_study_id_and_number[trial_id][0])
         return updated
+
+
+def _identity(conn, study_id: int) -> tuple[str, str | None] | None:
+    """(name, uid) of study `study_id`, or None: one query."""
+    studies, attrs = rdb_models.StudyModel.__table__, rdb_models.StudyUserAttributeModel.__table__
+    row = conn.execute(
+        sqlalchemy.select(studies.c.study_name, attrs.c.value_json)
+        .select_from(studies.outerjoin(attrs, (attrs.c.study_id == studies.c.study_id) & (attrs.c.key == UID_ATTR)))
+        .where(studies.c.study_id == study_id)).first()
+    return None if row is None else (row[0], None if row[1] is None else json.loads(row[1]))
+
+
+def study_gone(engine: sqlalchemy.Engine, study_id: int, name: str, uid: str | None) -> str | None:
+    """None while study `study_id` is still the study `name` with `uid`; else one line saying
+    what became of it."""
+    with engine.connect() as conn:
+        if _identity(conn, study_id) == (name, uid):
+            return None
+        studies = rdb_models.StudyModel.__table__
+        again = conn.execute(sqlalchemy.select(studies.c.study_id).where(studies.c.study_name == name)).first()
+    return f"study {name!r} was deleted" + (" and created again" if again is not None else "")
+
+
+def watch_study(study: optuna.Study) -> int | None:
+    """Make the worker's storage check, before each write, that `study` is still the study it
+    loaded (see TrialCache.watch); returns what `unwatch_study` takes."""
+    storage = study._storage
+    if not isinstance(storage, TrialCache):
+        return None
+    storage.watch(study._study_id, study.study_name, study.user_attrs.get(UID_ATTR))
+    return study._study_id
+
+
+def unwatch_study(study: optuna.Study) -> None:
+    if isinstance(study._storage, TrialCache):
+        study._storage.unwatch(study._study_id)
+
+
+def delete_study(study: optuna.Study) -> None:
+    """Delete exactly this study (by its id, not its name; see TrialCache.delete_study)."""
+    study._storage.delete_study(study._study_id)
+
+
+def check_study(study: optuna.Study) -> None:
+    """StudyGone if the watched `study` was deleted or replaced (a worker's check before a trial
+    and when it handles an error)."""
+    if isinstance(study._storage, TrialCache):
+        study._storage.check_study(study._study_id)
+
+
+def live_trials(study: optuna.Study, grace: float = GRACE_PERIOD) -> list[dict]:
+    """The RUNNING trials of `study` whose worker is alive: a heartbeat within `grace` seconds
+    (database clock), or, without any heartbeat, started within `grace` seconds. Each as
+    {"number", "host", "beat_s"} (beat_s: seconds since the last heartbeat, None without one)."""
+    storage = study._storage
+    engine = getattr(getattr(storage, "_backend", storage), "engine", None)
+    if engine is None:  # in-memory storage
+        return [{"number": t.number, "host": t.user_attrs.get("host"), "beat_s": None}
+                for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+    trials, beats = rdb_models.TrialModel.__table__, rdb_models.TrialHeartbeatModel.__table__
+    attrs = rdb_models.TrialUserAttributeModel.__table__
+    query = (sqlalchemy.select(trials.c.number, trials.c.datetime_start, beats.c.heartbeat, attrs.c.value_json)
+             .select_from(trials.outerjoin(beats, beats.c.trial_id == trials.c.trial_id)
+                          .outerjoin(attrs, (attrs.c.trial_id == trials.c.trial_id) & (attrs.c.key == "host")))
+             .where((trials.c.study_id == study._study_id) & (trials.c.state == TrialState.RUNNING))
+             .order_by(trials.c.number))
+    with engine.connect() as conn:
+        now = conn.execute(sqlalchemy.select(sqlalchemy.func.now())).scalar().replace(tzinfo=None)
+        rows = conn.execute(query).all()
+    live = []
+    for number, started, beat, host in rows:
+        if beat is not None:
+            age = (now - beat.replace(tzinfo=None)).total_seconds()
+        elif started is not None:
+            age = (datetime.now() - started).total_seconds()  # Optuna's clock for datetime_start
+        else:
+            age = math.inf
+        if age <= grace:
+            live.append({"number": number, "host": None if host is None else json.loads(host),
+                         "beat_s": None if beat is None else max(0.0, age)})
+    return live
+
+
+DELETE_ATTEMPTS = 5
+
+
+def _delete_study_rows(engine: sqlalchemy.Engine, study_id: int, attempts: int = DELETE_ATTEMPTS) -> None:
+    """TrialCache.delete_study's work: every row of the study, children first, in one transaction."""
+    meta = rdb_models.BaseModel.metadata
+    studies, trials = rdb_models.StudyModel.__table__, rdb_models.TrialModel.__table__
+    with engine.connect() as conn:
+        identity = _identity(conn, study_id)
+    if identity is None:
+        raise KeyError(f"No study with study_id {study_id} exists.")
+    name = identity[0]
+    reason = "it was still there after the delete"
+    for attempt in range(attempts):
+        try:
+            with engine.begin() as conn:
+                if engine.dialect.name != "sqlite":  # SQLite: the first DELETE takes the one write lock
+                    # A new trial needs a key-share lock on its study row, a new row of a trial one on
+                    # the trial's row: taken here first, such inserts wait for this delete, then fail.
+                    conn.execute(sqlalchemy.select(studies.c.study_id)
+                                 .where(studies.c.study_id == study_id).with_for_update())
+                    conn.execute(sqlalchemy.select(trials.c.trial_id)
+                                 .where(trials.c.study_id == study_id).with_for_update())
+                ids = sqlalchemy.select(trials.c.trial_id).where(trials.c.study_id == study_id)
+                for table in reversed(meta.sorted_tables):  # every table before those it refers to
+                    for fk in table.foreign_keys:
+                        if fk.column.table is trials:
+                            conn.execute(table.delete().where(fk.parent.in_(ids)))
+                        elif fk.column.table is studies:
+                            conn.execute(table.delete().where(fk.parent == study_id))
+                conn.execute(studies.delete().where(studies.c.study_id == study_id))
+        except sqlalchemy.exc.DBAPIError as exc:  # a deadlock, a lost connection: try again
+            text = str(getattr(exc, "orig", None) or exc).strip()
+            reason = text.splitlines()[0] if text else exc.__class__.__name__
+        try:
+            with engine.connect() as conn:
+                now = _identity(conn, study_id)
+        except sqlalchemy.exc.DBAPIError as exc:
+            text = str(getattr(exc, "orig", None) or exc).strip()
+            reason, confirmed = (text.splitlines()[0] if text else exc.__class__.__name__), False
+        else:
+            if now is None or now[1] not in (None, identity[1]):  # gone; on SQLite a new study may have its id
+                return
+            confirmed = True
+        time.sleep(0.1 * (attempt + 1) + random.random() * 0.1)
+    if confirmed:
+        raise StudyError(f"study {name!r} is still there after {attempts} tries to delete it ({reason}); "
+                         "stop its workers and try again")
+    raise StudyError(f"could not confirm that study {name!r} was deleted ({reason}); see `cnnsearch list`")
 
 
 def connection_problem(exc: BaseException) -> str | None:
@@ -264,12 +541,13 @@ def engine_kwargs(url: str) -> dict:
     return kwargs
 
 
-def _create_with_retry(url: str, heartbeat: dict, attempts: int = 6) -> optuna.storages.RDBStorage:
+def _create_with_retry(url: str, heartbeat: dict, attempts: int = 6, create: bool = True) -> optuna.storages.RDBStorage:
     """Several workers starting on an empty database race to create the schema; the losers
-    see a duplicate-table/type error and simply try again once the winner is done."""
+    see a duplicate-table/type error and simply try again once the winner is done. With
+    `create` False the tables are known to be there (`_require_tables`) and none is created."""
     for attempt in range(attempts):
         try:
-            return _RDBStorage(url, engine_kwargs=engine_kwargs(url), **heartbeat)
+            return _RDBStorage(url, engine_kwargs=engine_kwargs(url), skip_table_creation=not create, **heartbeat)
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError,
                 optuna.exceptions.StorageInternalError) as exc:
             # Seen on PostgreSQL: UniqueViolation on pg_type (two CREATE TYPE studydirection);
@@ -283,11 +561,17 @@ def _create_with_retry(url: str, heartbeat: dict, attempts: int = 6) -> optuna.s
 
 
 def open_storage(url: str | None = None, *, heartbeat_interval: int | None = HEARTBEAT_INTERVAL,
-                 grace_period: int | None = GRACE_PERIOD, sync_seconds: float | None = None) -> TrialCache:
-    """Open (and create the tables of) the storage at `url`.
+                 grace_period: int | None = GRACE_PERIOD, sync_seconds: float | None = None,
+                 create: bool = True) -> TrialCache:
+    """Open (and, with `create`, create the file and the tables of) the storage at `url`.
 
     Args:
         url: SQLAlchemy URL; None -> `storage_url()`.
+        create: True for the commands that make studies (create, run): a missing SQLite file
+            and missing tables are created. False for everything else (status, best, list,
+            export, report, dashboard, delete, worker, launch): storage without cnnsearch's
+            tables is an error saying where it looked, and nothing is created, not even the
+            empty file SQLite makes on connecting (a typo in a worker's URL leaves no file).
         heartbeat_interval: seconds between heartbeats of a running trial; None disables the
             heartbeat (read-only uses such as status and reports).
         grace_period: seconds after which a silent RUNNING trial is failed and retried once.
@@ -295,7 +579,8 @@ def open_storage(url: str | None = None, *, heartbeat_interval: int | None = HEA
             for a worker (heartbeat on), 0 (always current) for readers such as status.
 
     Raises:
-        StorageError: malformed URL, unknown driver, or a database that cannot be reached.
+        StorageError: malformed URL, unknown driver, or a database that cannot be reached; with
+            `create` False also a missing SQLite file or a database without the tables.
     """
     url = storage_url(url)
     shown = mask_url(url)
@@ -312,7 +597,9 @@ def open_storage(url: str | None = None, *, heartbeat_interval: int | None = HEA
     try:
         if sync_seconds is None:
             sync_seconds = SYNC_SECONDS if heartbeat_interval else 0.0
-        return TrialCache(_create_with_retry(url, heartbeat), sync_seconds)
+        if not create:
+            _require_tables(url, parsed)
+        return TrialCache(_create_with_retry(url, heartbeat, create=create), sync_seconds)
     except sqlalchemy.exc.NoSuchModuleError:
         raise StorageError(f"storage {shown}: unknown database driver {parsed.drivername!r}") from None
     except ModuleNotFoundError as exc:
@@ -321,6 +608,47 @@ def open_storage(url: str | None = None, *, heartbeat_interval: int | None = HEA
         where = parsed.host or parsed.database or shown
         reason = mask_text((str(getattr(exc, "orig", exc)).strip() or "unreachable").splitlines()[0], url)
         raise StorageError(f"cannot reach the storage at {where} ({shown}): {reason}") from None
+
+
+NO_STORAGE_HINT = "run cnnsearch create or run first, or pass --storage URL"
+REQUIRED_TABLES = ("studies", "version_info")  # Optuna's schema; RDBStorage fails without either
+
+
+def sqlite_path(parsed) -> str | None:
+    """The file a SQLite URL names, as an absolute path; None for an in-memory database."""
+    database = parsed.database or ""
+    if str(parsed.query.get("uri", "")).lower() in ("true", "1") and database.startswith("file:"):
+        if parsed.query.get("mode") == "memory":
+            return None
+        database = database[len("file:"):].split("?", 1)[0]
+        database = database[2:] if database.startswith("//") else database  # file:///abs/path
+    if database in ("", ":memory:"):
+        return None
+    return os.path.abspath(database)
+
+
+def _require_tables(url: str, parsed) -> None:
+    """StorageError unless the storage at `url` exists and has Optuna's tables; creates nothing.
+
+    SQLite creates a missing file on connecting, so the file is looked for first; then the
+    tables are listed on a connection of their own (RDBStorage would create them, or fail on
+    the version table, before anything could be checked)."""
+    shown = mask_url(url)
+    where = shown
+    if parsed.get_backend_name() == "sqlite":
+        path = sqlite_path(parsed)
+        if path is not None:
+            if not os.path.exists(path):
+                raise StorageError(f"no database at {path} ({shown}); {NO_STORAGE_HINT}")
+            where = f"{path} ({shown})"
+    connect_args = engine_kwargs(url).get("connect_args", {})
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, connect_args=connect_args)
+    try:
+        tables = set(sqlalchemy.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+    if not set(REQUIRED_TABLES) <= tables:
+        raise StorageError(f"no cnnsearch tables in {where}; {NO_STORAGE_HINT}")
 
 
 def mask_text(text: str, url: str) -> str:
@@ -382,6 +710,36 @@ def count_trials(study: optuna.Study, states: tuple[str, ...], below: int | None
     with engine.connect() as conn:
         return conn.execute(statement, {"study": study_id, "states": list(states), "below": below,
                                         "excluding": list(excluding)}).scalar_one()
+
+
+def claim_numbered_attr(study: optuna.Study, prefix: str, value, attempts: int = 1000) -> int:
+    """Record study user attr `<prefix><k>` = value for the smallest k above every one recorded,
+    atomically, and return k: the INSERT goes straight to the attributes table, whose unique
+    (study, key) constraint fails a second process's insert of the same key; that process then
+    tries the next k. In-memory storage (one process) just sets the attr."""
+    def taken(keys) -> list[int]:
+        return [int(k[len(prefix):]) for k in keys if k.startswith(prefix) and k[len(prefix):].isdigit()]
+
+    engine = getattr(getattr(study._storage, "_backend", study._storage), "engine", None)
+    if engine is None:
+        k = 1 + max(taken(study.user_attrs), default=-1)
+        study.set_user_attr(f"{prefix}{k}", value)
+        return k
+    attrs = rdb_models.StudyUserAttributeModel.__table__
+    mine = attrs.c.study_id == study._study_id
+    for _ in range(attempts):
+        with engine.connect() as conn:
+            keys = conn.execute(sqlalchemy.select(attrs.c.key).where(
+                mine & attrs.c.key.like(f"{prefix}%"))).scalars().all()
+        k = 1 + max(taken(keys), default=-1)
+        try:
+            with engine.begin() as conn:
+                conn.execute(attrs.insert().values(study_id=study._study_id, key=f"{prefix}{k}",
+                                                   value_json=json.dumps(value)))
+            return k
+        except sqlalchemy.exc.IntegrityError:
+            continue  # another process took this k a moment ago: the next one
+    raise AssertionError(f"no free {prefix}<k> after {attempts} attempts")  # a bug, not a race
 
 
 def trials_by_state(study: optuna.Study) -> dict[str, int]:

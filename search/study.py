@@ -7,16 +7,18 @@ only the study name and the storage URL.
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import optuna
 
 import search
-from search import objectives
+from search import check, objectives
 from search import spec as spec_mod
 from search.errors import StudyError
-from search.storage import Store, open_store, trials_by_state, trials_in_state
+from search.storage import (UID_ATTR, Store, delete_study, live_trials, open_store, trials_by_state,
+                            trials_in_state)
 
 SPEC_ATTR = "cnnsearch_spec"
 
@@ -25,42 +27,59 @@ SPEC_ATTR = "cnnsearch_spec"
 class Created:
     study: optuna.Study
     created: bool  # False: the same spec was already stored under this name
+    warnings: tuple[str, ...] = ()  # one line each (the data on this machine, an inert sampler or pruner)
 
 
-def _stored_spec(study: optuna.Study, wait: float = 60.0, wait_foreign: float = 5.0):
+def _stored_spec(study: optuna.Study, wait: float = 60.0, wait_foreign: float = 5.0, validate: bool = True):
     """The study's spec. A study created a moment ago by another process may not have it yet:
-    wait while its creator is still at work (its version attr is set first), briefly otherwise."""
+    wait while its creator is still at work (its version attr is set first), briefly otherwise.
+    `validate=False`: rebuilt without the checks against models, data and Optuna (see
+    `spec.spec_from_dict`); the spec was validated when the study was created."""
     started = time.monotonic()
     while True:
         attrs = study.user_attrs
         if SPEC_ATTR in attrs:
-            return spec_mod.spec_from_dict(attrs[SPEC_ATTR])
+            return spec_mod.spec_from_dict(attrs[SPEC_ATTR], validate=validate)
         if time.monotonic() - started > (wait if "cnnsearch_version" in attrs else wait_foreign):
             raise StudyError(f"study {study.study_name!r} was not created by cnnsearch (no stored spec)")
         time.sleep(0.2)
 
 
-def create(spec, store: Store | str | None = None, *, replace: bool = False) -> Created:
+def create(spec, store: Store | str | None = None, *, replace: bool = False, force: bool = False,
+           data_dir: str | None = None) -> Created:
     """Create the study for `spec`; idempotent for an identical spec.
+
+    `data_dir` (a command's --data-dir) is where this machine's data is looked at (see
+    `spec.with_data_dir`); the stored spec keeps the file's data.data_dir.
 
     Eight processes creating the same new study at once end with one study, and the spec's
     enqueued configurations are added exactly once, by the process whose create succeeded.
+    Each study gets a uid (UID_ATTR) of its own, so a worker of a replaced study can tell the
+    new one from the old even where the new one took the old one's id (SQLite).
 
     Raises:
-        StudyError: a different spec is stored under this name and `replace` is False.
+        StudyError: a different spec is stored under this name and `replace` is False; or
+            `replace` while workers run trials of the old study and not `force` (see delete).
+        DataError: a folder dataset's folder cannot be listed here (nothing is written then).
     """
     # Imported before the study exists: the processes that lose the race wait for the winner's
     # spec, and a cold import of optuna-dashboard takes seconds on a busy machine.
     from search.dashboard import describe_study  # the description as optuna-dashboard's study note
     import optuna_dashboard  # noqa: F401
 
+    # Everything that can fail happens before anything is written: a folder that cannot be
+    # listed must leave no half-made study behind (nor delete the one --replace would replace).
+    classes, warnings = check.data_here(spec_mod.with_data_dir(spec, data_dir).data)
+    warnings += check.budget_warnings(spec)
     storage = open_store(store, heartbeat_interval=None).storage
     wanted = spec_mod.spec_to_dict(spec)
     if replace:
         try:
-            optuna.delete_study(study_name=spec.name, storage=storage)
+            old = optuna.load_study(study_name=spec.name, storage=storage)
         except KeyError:
-            pass
+            old = None
+        if old is not None:
+            _delete(old, force, "--replace")
     try:
         study = optuna.create_study(study_name=spec.name, storage=storage,
                                     directions=[o.direction for o in spec.objectives])
@@ -68,42 +87,41 @@ def create(spec, store: Store | str | None = None, *, replace: bool = False) -> 
         study = optuna.load_study(study_name=spec.name, storage=storage)
         if spec_mod.spec_to_dict(_stored_spec(study)) != wanted:
             raise StudyError(f"study {spec.name!r} already exists with a different spec; "
-                             "use --replace to delete it and its trials, or choose another name") from None
-        return Created(study, created=False)
+                             "use create --replace to delete it and its trials, or choose another name "
+                             "(--set study.name=NAME)") from None
+        return Created(study, created=False, warnings=warnings)
+    study.set_user_attr(UID_ATTR, uuid.uuid4().hex)  # first: the study's identity
     study.set_user_attr("cnnsearch_version", search.__version__)
     study.set_user_attr("created_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
     study.set_user_attr("description", spec.description)
-    if spec.data.get("dataset") == "folder":
-        # Class names travel with the study (and from there into exports and checkpoints),
-        # so predictions print names; listing the folder decodes nothing.
-        from search.datasets import list_folder, resolve_folder_path
-
-        options = spec.data.get("data_options", {})
-        path = resolve_folder_path(options["path"], spec.data.get("data_dir"))
-        listing = list_folder(path, test_fraction=options.get("test_fraction", 0.1),
-                              split_seed=options.get("split_seed", 0))
-        study.set_user_attr("classes", list(listing.classes))
+    if classes is not None:
+        # A folder's class names travel with the study (and from there into exports and
+        # checkpoints), so predictions print names; listing the folder decoded nothing.
+        study.set_user_attr("classes", list(classes))
     for params in spec.enqueue:
         study.enqueue_trial(dict(params), skip_if_exists=True)
     describe_study(study, spec)
     study.set_user_attr(SPEC_ATTR, wanted)  # last: its presence means the study is complete
-    return Created(study, created=True)
+    return Created(study, created=True, warnings=warnings)
 
 
-def load(name: str, store: Store | str | None = None, **storage_kwargs) -> tuple[optuna.Study, object]:
-    """(study, spec) for a study created by cnnsearch; `storage_kwargs` apply when `store` is a URL."""
-    storage = open_store(store, **storage_kwargs).storage
+def load(name: str, store: Store | str | None = None, *, validate: bool = True,
+         **storage_kwargs) -> tuple[optuna.Study, object]:
+    """(study, spec) for a study created by cnnsearch; `storage_kwargs` apply when `store` is a URL
+    (a URL is opened with create=False: loading never creates storage). `validate=False` for
+    commands that only read the spec (status, best, export, report): no torch, no trial run."""
+    storage = open_store(store, **{"create": False, **storage_kwargs}).storage
     try:
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
         names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
         known = f" (studies here: {', '.join(names)})" if names else " (this storage has no studies)"
         raise StudyError(f"no study named {name!r}{known}") from None
-    return study, _stored_spec(study)
+    return study, _stored_spec(study, validate=validate)
 
 
 def list_studies(store: Store | str | None = None) -> list[dict]:
-    storage = open_store(store, heartbeat_interval=None).storage
+    storage = open_store(store, heartbeat_interval=None, create=False).storage
     rows = []
     for s in optuna.get_all_study_summaries(storage, include_best_trial=True):
         rows.append({"name": s.study_name, "n_trials": s.n_trials,
@@ -114,11 +132,12 @@ def list_studies(store: Store | str | None = None) -> list[dict]:
 
 def summary(name: str, store: Store | str | None = None) -> dict:
     """Counts by state, the best trial, and the running trials with host, device and age."""
-    study, spec = load(name, store, heartbeat_interval=None)
+    study, spec = load(name, store, heartbeat_interval=None, validate=False)
     counts = trials_by_state(study)
     now = datetime.now()
     running = [{"number": t.number, "host": t.user_attrs.get("host", "?"),
-                "device": t.user_attrs.get("device", "?"),
+                "device": t.user_attrs.get("device", "?"), "worker_index": t.user_attrs.get("worker_index"),
+                "sampler_seed": t.user_attrs.get("sampler_seed"),
                 "age_s": (now - t.datetime_start).total_seconds() if t.datetime_start else None,
                 "epochs": len(t.intermediate_values)}
                for t in trials_in_state(study, optuna.trial.TrialState.RUNNING)]
@@ -132,7 +151,7 @@ def summary(name: str, store: Store | str | None = None) -> dict:
 
 def best_trial(name: str, store: Store | str | None = None, number: int | None = None, rank: int = 1):
     """(study, spec, trial): the best completed trial (the `rank`-th best), or trial `number`."""
-    study, spec = load(name, store, heartbeat_interval=None)
+    study, spec = load(name, store, heartbeat_interval=None, validate=False)
     if number is None:
         done = objectives.ranked(study.get_trials(deepcopy=False), spec.objectives)
         if not done:
@@ -146,7 +165,37 @@ def best_trial(name: str, store: Store | str | None = None, number: int | None =
     return study, spec, matches[0]
 
 
-def delete(name: str, store: Store | str | None = None) -> None:
-    store = open_store(store, heartbeat_interval=None)
-    load(name, store)  # same "no study named" error as everywhere
-    optuna.delete_study(study_name=name, storage=store.storage)
+def refuse_if_running(study: optuna.Study, option: str = "") -> None:
+    """StudyError while workers run trials of `study`: RUNNING trials with a fresh heartbeat."""
+    live = live_trials(study)
+    if live:
+        first = live[0]
+        where = f" on {first['host']}" if first["host"] else ""
+        beat = f", last heartbeat {first['beat_s']:.0f} s ago" if first["beat_s"] is not None else ""
+        more = f" and {len(live) - 1} more" if len(live) > 1 else ""
+        raise StudyError(f"study {study.study_name!r} has workers running: trial {first['number']}{where}"
+                         f"{beat}{more}; stop them first, or add --force{' to ' + option if option else ''} "
+                         "(they then stop at their next write)")
+
+
+def _delete(study: optuna.Study, force: bool, option: str = "") -> None:
+    if not force:
+        refuse_if_running(study, option)
+    # The storage's delete locks the study first and checks it is gone afterwards (retrying a
+    # delete that a worker's insert rolled back), so "deleted" is only ever said when true.
+    try:
+        delete_study(study)
+    except KeyError:
+        pass  # deleted by someone else a moment ago: gone all the same
+
+
+def delete(name: str, store: Store | str | None = None, *, force: bool = False) -> None:
+    """Delete study `name` and its trials.
+
+    Raises:
+        StudyError: no such study; workers run trials of it (a fresh heartbeat) and not `force`;
+            or it is still there after the delete was tried again a few times.
+    """
+    store = open_store(store, heartbeat_interval=None, create=False)
+    study, _ = load(name, store, validate=False)  # same "no study named" error as everywhere
+    _delete(study, force)

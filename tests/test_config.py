@@ -27,12 +27,35 @@ def test_unknown_key_is_named():
     ("erasing", 1.5, "erasing: must be between 0 and 1"),
     ("val_fraction", 1.0, "val_fraction: must be in [0, 1)"),
     ("model_params", [1], "model_params: expected dict"),
+    ("lr", float("nan"), "lr: expected a finite number, got nan"),
+    ("weight_decay", float("inf"), "weight_decay: expected a finite number, got inf"),
+    ("momentum", float("-inf"), "momentum: expected a finite number, got -inf"),
+    ("val_fraction", float("nan"), "val_fraction: expected a finite number"),
+    ("seed", -1, "seed: must be in [0, 2**32), got -1"),
+    ("seed", 2**32, "seed: must be in [0, 2**32), got 4294967296"),
+    ("val_seed", 2**64, "val_seed: must be in [0, 2**32)"),
 ])
 def test_bad_values_name_the_key(key, value, fragment):
     with pytest.raises(ConfigError) as info:
         config.from_dict({key: value}, source="run.json")
     message = str(info.value)
     assert message.startswith("run.json: ") and fragment in message and "\n" not in message
+
+
+def test_every_float_field_refuses_nan_and_infinities():
+    """JSON parses NaN and Infinity (`--set weight_decay=Infinity`); no setting means them, and
+    comparisons with NaN are all false, so `lr <= 0` let it through."""
+    for key, f in config.FIELDS.items():
+        if f.type.startswith("float"):
+            for bad in (float("nan"), float("inf"), float("-inf")):
+                with pytest.raises(ConfigError, match=rf"^{key}: expected a finite number"):
+                    config.from_dict({key: bad})
+
+
+def test_seeds_at_the_ends_of_their_range():
+    assert config.from_dict({"seed": 0, "val_seed": 2**32 - 1}).val_seed == 2**32 - 1
+    with pytest.raises(ConfigError, match="seed"):
+        config.load(None, ["seed=4294967296"])
 
 
 def test_nesterov_needs_sgd_with_momentum():

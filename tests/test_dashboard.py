@@ -125,11 +125,15 @@ def test_trial_list_shows_user_attributes(dashboard, storage):
         assert text in dom, text
 
 
-def test_a_busy_port_is_one_line():
+def test_a_busy_port_is_one_line(tmp_path):
+    from search.storage import open_storage
+
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    open_storage(url, heartbeat_interval=None)  # the tables: the dashboard, a reader, creates none
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        result = CliRunner().invoke(app, ["dashboard", "--storage", "sqlite:///:memory:", "--port",
+        result = CliRunner().invoke(app, ["dashboard", "--storage", url, "--port",
                                           str(busy.getsockname()[1])])
     assert result.exit_code == 1 and result.stderr.startswith("error: cannot listen on 127.0.0.1:"), result.output
     assert len(result.stderr.strip().splitlines()) == 1

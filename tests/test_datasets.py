@@ -2,6 +2,7 @@
 
 import json
 import gzip
+import re
 import struct
 import sys
 import types
@@ -117,6 +118,26 @@ def test_bad_subset_names_the_option(subset):
         datasets.load_dataset("digits", subset=subset)
 
 
+def test_a_subset_larger_than_the_training_set_names_both_numbers():
+    train = len(datasets.load_dataset("digits").train_y)
+    with pytest.raises(datasets.DataError) as info:
+        datasets.load_dataset("digits", subset=train + 1)
+    assert f"{train + 1}" in str(info.value) and f"{train}" in str(info.value)
+
+
+@pytest.mark.parametrize("name,options,fraction", [
+    ("digits", None, 0.0003),  # 1438 images: 0.43 of an image rounds to none
+    ("synthetic", {"n": 40, "classes": 2}, 0.01),
+])
+def test_a_validation_split_that_rounds_to_no_image_is_an_error(name, options, fraction):
+    """Every trial would train, then crash (or score NaN) on an empty validation set."""
+    with pytest.raises(datasets.DataError) as info:
+        datasets.load_dataset(name, val_fraction=fraction, options=options)
+    message = str(info.value)
+    assert message.startswith(f"val_fraction: {fraction} of ") and "0 validation images" in message, message
+    assert len(datasets.load_dataset(name, val_fraction=0.0, options=options).val_y) == 0  # 0 asks for none
+
+
 @pytest.mark.parametrize("channels,size,classes", [(1, 8, 2), (3, 32, 10), (4, 12, 5)])
 def test_synthetic_shapes(channels, size, classes):
     opts = {"n": 300, "classes": classes, "channels": channels, "size": size}
@@ -223,8 +244,96 @@ def test_missing_dataset_says_where_it_looked_and_how_to_fix(tmp_path, name, loo
     message = str(err.value)
     assert "\n" not in message
     assert str(tmp_path) in message and looked_for in message
-    assert "--data-dir" in message and "--download" in message
+    assert "--data-dir" in message and "--set download=true" in message and "--download" not in message
     assert list(tmp_path.iterdir()) == []  # no download attempted, nothing created
+
+
+def test_the_data_dir_is_the_flag_then_the_environment_then_the_file_then_none(monkeypatch):
+    monkeypatch.delenv("CNNSEARCH_DATA", raising=False)
+    assert datasets.choose_data_dir(None, None) is None  # resolve_data_dir: ./data
+    assert datasets.choose_data_dir(None, "/file") == "/file"
+    assert datasets.choose_data_dir("/flag", "/file") == "/flag"
+    monkeypatch.setenv("CNNSEARCH_DATA", "/env")
+    assert datasets.choose_data_dir(None, None) == "/env"
+    assert datasets.choose_data_dir(None, "/file") == "/env"  # the machine's environment beats the file
+    assert datasets.choose_data_dir("/flag", "/file") == "/flag"
+
+
+# The commands a data-loading error reaches the user through (launch: in its workers' logs; it
+# takes --data-dir for them), and those that warn at create time about data not on this machine.
+LOADING_COMMANDS = ("train", "predict", "run", "worker", "launch")
+CREATING_COMMANDS = ("create", "run")
+CLI_COMMANDS = {"train", "predict", "create", "run", "worker", "launch"}
+
+
+def options_named(message: str, commands: tuple[str, ...]) -> list[tuple[str, tuple[str, ...]]]:
+    """Each `--option` in a message with the commands it must exist on: the ones written just
+    before it ("train --set", "create/run --set"), else every command the message can reach."""
+    found = []
+    for match in re.finditer(r"(?:(\S+) )?(--[a-z][a-z-]*)", message):
+        before = set((match.group(1) or "").split("/"))
+        found.append((match.group(2), tuple(sorted(before)) if before <= CLI_COMMANDS else commands))
+    return found
+
+
+def missing_data_messages(tmp_path, monkeypatch) -> list[tuple[str, tuple[str, ...]]]:
+    """Every message a user can get for data that is not there, with the commands it reaches."""
+    from search.check import data_here
+
+    messages = []
+    for name in ("mnist", "fashion_mnist", "cifar10"):
+        with pytest.raises(datasets.DatasetNotFound) as err:
+            datasets.load_dataset(name, data_dir=tmp_path / "empty")
+        messages.append((str(err.value), LOADING_COMMANDS))
+        (warning,) = data_here({"dataset": name, "data_dir": str(tmp_path / "empty")})[1]
+        messages.append((warning, CREATING_COMMANDS))
+
+    class Broken:  # torchvision failing to download mnist, or to read cifar10's files
+        def __init__(self, root, train, download):
+            raise RuntimeError("Error downloading: all mirrors failed")
+
+    fake_torchvision(monkeypatch, MNIST=Broken, CIFAR10=Broken)
+    with pytest.raises(datasets.DataError) as err:
+        datasets.load_dataset("mnist", data_dir=tmp_path / "offline", download=True)
+    messages.append((str(err.value), LOADING_COMMANDS))
+    batches = tmp_path / "cifar" / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+        (batches / name).write_bytes(b"")
+    with pytest.raises(datasets.DataError) as err:
+        datasets.load_dataset("cifar10", data_dir=tmp_path / "cifar")
+    messages.append((str(err.value), LOADING_COMMANDS))
+    return messages
+
+
+def test_every_option_a_missing_data_message_names_exists_on_the_commands_it_reaches(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from search import config
+    from search.cli import app
+
+    helps = {}
+
+    def has_option(command: str, option: str) -> bool:
+        if command not in helps:
+            result = CliRunner().invoke(app, [command, "--help"])
+            assert result.exit_code == 0, result.output
+            helps[command] = result.output
+        return re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", helps[command]) is not None
+
+    named = set()
+    for message, commands in missing_data_messages(tmp_path, monkeypatch):
+        assert "\n" not in message and "--download" not in message, message
+        options = options_named(message, commands)
+        assert any(option == "--data-dir" for option, _ in options), message
+        for option, where in options:
+            for command in where:
+                assert has_option(command, option), f"{message!r} names {option}: `cnnsearch {command}` has none"
+            named.add((option, where))
+    assert ("--set", ("train",)) in named and ("--set", ("create", "run")) in named
+    # ... and what the hints set is a real setting: in a RunConfig, and in a study's [data]
+    assert config.load(None, ["download=true"]).download is True
+    assert "download" in config.DATA_FIELDS
 
 
 def test_fashion_mnist_reads_unpacked_idx_files(tmp_path):

@@ -102,3 +102,54 @@ def test_export_of_a_folder_study_names_its_classes(tmp_path):
     result = invoke("export", "tiny", "-o", tmp_path / "best.json", "--storage", url)
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "best.json").read_text())["provenance"]["classes"] == ["cat", "dog"]
+
+
+@pytest.mark.parametrize("target", ["folder", "missing/best.json"])
+def test_export_to_a_folder_or_a_missing_folder_is_one_line(workdir, target):
+    """`-o` naming a directory ended in an IsADirectoryError traceback."""
+    folder, url = workdir
+    (folder / "folder").mkdir(exist_ok=True)
+    result = invoke("export", "tiny", "-o", folder / target, "--storage", url)
+    assert_one_line_error(result, "is a directory" if target == "folder" else "does not exist")
+
+
+def test_export_says_the_search_budget_it_carried_over(workdir):
+    folder, url = workdir
+    result = invoke("export", "tiny", "-o", folder / "budget.json", "--storage", url)
+    assert result.exit_code == 0, result.output
+    assert f"carried over from the search: all training images, 2 epochs (cnnsearch train {folder / 'budget.json'} " \
+           "alone repeats them)" in result.stdout
+    assert f"next, the final model for N epochs: cnnsearch train {folder / 'budget.json'} --epochs N " \
+           "--seeds 3" in result.stdout  # no subset: nothing to undo
+
+
+def test_exports_final_command_trains_a_subset_search_winner_on_every_training_image(tmp_path, monkeypatch):
+    """A search on a subset for few epochs, exported, then `train best.json` as the README said,
+    trained on the search's subset for the search's epochs without a word. Export now says what
+    it carried over, and the command it prints trains on all training images."""
+    import shlex
+
+    from search import datasets
+    from search.worker import run_worker
+
+    monkeypatch.chdir(tmp_path)
+    options = "data_options = { n = 400, classes = 3, size = 8, channels = 1 }"
+    text = QUICK_STUDY.format(name="sub", n_trials=1, n=400, description="a search on a subset")
+    (tmp_path / "sub.toml").write_text(text.replace(options, f"{options}\nsubset = 90"))
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study_mod.create(spec_mod.load_spec(tmp_path / "sub.toml"), url)
+    run_worker("sub", url, device="cpu")
+    result = invoke("export", "sub", "-o", "best.json", "--storage", url)
+    assert result.exit_code == 0, result.output
+    assert "carried over from the search: a subset of 90 training images, 2 epochs" in result.stdout
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("next, the final model")]
+    command = shlex.split(line.split(": ", 1)[1])
+    assert command[:3] == ["cnnsearch", "train", "best.json"] and "N" in command
+    trained = invoke(*[("1" if arg == "N" else arg) for arg in command[1:]], "--out", "final")
+    assert trained.exit_code == 0, trained.output
+    everything = datasets.load_dataset("synthetic", options={"n": 400, "classes": 3, "size": 8, "channels": 1})
+    assert f"data: {len(everything.train_y)} training images, " in trained.stdout and "subset" not in trained.stdout
+    metrics = json.loads((tmp_path / "final" / "metrics.json").read_text())
+    assert metrics["config"]["subset"] is None and metrics["config"]["epochs"] == 1
+    assert all(len(r["history"]) == 1 for r in metrics["runs"])
+    assert json.loads((tmp_path / "best.json").read_text())["config"]["subset"] == 90  # the trial's, as searched

@@ -46,3 +46,16 @@ def test_a_crash_while_writing_keeps_the_previous_file(tmp_path):
 def test_bad_targets_are_one_error(tmp_path, name, fragment):
     with pytest.raises(CnnsearchError, match=fragment):
         write_atomic(tmp_path / name, lambda f: f.write(b"x"))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_follow_the_umask_not_the_temporary_files_0600(tmp_path, umask):
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        write_atomic(tmp_path / "shared.json", lambda f: f.write(b"{}"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "shared.json").stat().st_mode) == 0o666 & ~umask

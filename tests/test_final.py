@@ -103,3 +103,22 @@ def test_default_run_dir_is_named_after_the_config_and_never_an_existing_folder(
     first.mkdir()
     second = default_run_dir("studies/best.json", tmp_path)
     assert second != first and not second.exists()
+
+
+def test_the_noise_line_follows_the_test_set_size_and_model_pt_names_its_seed(workdir, exported):
+    """The noise level is computed from this test split, not quoted for MNIST and CIFAR-10; with
+    several seeds model.pt is the best on validation, and the output says whose it is."""
+    import math
+
+    folder, _ = workdir
+    result = invoke("train", exported, "--epochs", 1, "--seeds", 2, "--out", folder / "two")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((folder / "two" / "metrics.json").read_text())
+    n, p = metrics["test_images"], metrics["test_acc_mean"]
+    assert f"on {n:,} test images" in result.stdout and "MNIST" not in result.stdout
+    assert f"sampling std of {100 * math.sqrt(p * (1 - p) / n):.2f} points" in result.stdout
+    vals = {r["seed"]: r["final_val_acc"] for r in metrics["runs"]}
+    best = max(vals, key=lambda s: (vals[s], -s))
+    assert metrics["model_seed"] == best and f"model.pt holds seed {best}'s model" in result.stdout
+    saved = torch.load(folder / "two" / "model.pt", weights_only=True)
+    assert saved["config"]["seed"] == best

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from search.datasets import folder
+from search.datasets import _folder_layout, folder
 from search.datasets.folder import FolderError, list_folder, load_folder
 from search.errors import CnnsearchError, DataError
 
@@ -271,3 +272,182 @@ def test_cifar10_jpeg_zip_layout_and_a_decoded_sample(shared_datasets):
     sample = list(lst.test_files[::1000])
     x, bad = folder._decode_chunk(str(zip_path.resolve()), sample, 32, 3)
     assert bad == [] and x.shape == (10, 3, 32, 32) and all(img.std() > 5 for img in x)
+
+
+# --- what is read stays within bounds (issue 14): size and pixel limits, links, blank names ---
+
+MiB = 2**20
+
+
+def zip_with(tmp_path, extra: dict[str, int], name="pets.zip") -> Path:
+    """The test tree zipped, plus entries name -> that many zero bytes (streamed: little memory)."""
+    path = zip_tree(make_tree(tmp_path / "images"), tmp_path / name)
+    with zipfile.ZipFile(path, "a", zipfile.ZIP_DEFLATED) as zf:
+        for entry, size in extra.items():
+            with zf.open(entry, "w") as f:
+                for _ in range(size // MiB):
+                    f.write(bytes(MiB))
+    return path
+
+
+def peak_python_memory(fn):
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        result = fn()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_zip_entry_over_the_size_limit_is_skipped_unread_and_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(folder, "MAX_FILE_BYTES", MiB)
+    z = zip_with(tmp_path, {"cat/bomb.png": 32 * MiB, "dog/big.jpg": 2 * MiB})  # both zip to ~32 KiB
+    assert z.stat().st_size < MiB
+    d, peak = peak_python_memory(lambda: load(z, tmp_path))
+    assert peak < 8 * MiB  # the entries were never inflated (before: 32 MiB and more)
+    assert d.skipped == 2 and len(d.train_y) + len(d.test_y) == 18
+    assert d.skipped_reasons == ("cat/bomb.png: 32 MiB unpacked, over the 1 MiB limit per file",
+                                 "dog/big.jpg: 2 MiB unpacked, over the 1 MiB limit per file")
+    assert d.skipped_line(str(z)) == (f"skipped 2 of 20 image files in {z} (first: cat/bomb.png: "
+                                      "32 MiB unpacked, over the 1 MiB limit per file; 1 more)")
+    with pytest.raises(FolderError, match=r"unreadable image .*cat/bomb\.png: 32 MiB unpacked, over the 1 MiB"):
+        load(z, tmp_path, strict=True)
+
+
+def test_zip_header_that_lies_about_the_size_cannot_inflate_past_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(folder, "MAX_FILE_BYTES", MiB)
+    z = zip_with(tmp_path, {"cat/liar.png": 32 * MiB})
+    raw, name = bytearray(z.read_bytes()), b"cat/liar.png"
+    # its local header and central directory entry both declare 1000 bytes for the 32 MiB of zeros
+    for header, sig, size_at in ((raw.index(name) - 30, b"PK\x03\x04", 22), (raw.rindex(name) - 46, b"PK\x01\x02", 24)):
+        assert raw[header:header + 4] == sig
+        raw[header + size_at:header + size_at + 4] = (1000).to_bytes(4, "little")
+    z.write_bytes(bytes(raw))
+    assert zipfile.ZipFile(z).getinfo("cat/liar.png").file_size == 1000
+    d, peak = peak_python_memory(lambda: load(z, tmp_path))
+    assert peak < 8 * MiB and d.skipped == 1
+    assert d.skipped_reasons == ("cat/liar.png: BadZipFile: Bad CRC-32 for file 'cat/liar.png'",)
+
+
+def test_zip_whose_images_unpack_to_too_much_is_refused_naming_both_sizes(tmp_path, monkeypatch):
+    monkeypatch.setattr(_folder_layout, "MAX_ZIP_TOTAL_BYTES", 4 * MiB)
+    z = zip_with(tmp_path, {f"cat/bomb{i}.png": 2 * MiB for i in range(3)})  # 6 MiB in ~60 KiB
+    expect_error(z, r"its images unpack to 6 MiB, more than the 4 MiB allowed \(20x the zip's .* KiB, at least "
+                    r"4 MiB\): a zip bomb")
+    with pytest.raises(FolderError, match="unpack to 6 MiB"):
+        list_folder(z)  # found from the zip's directory, before anything is decoded
+    monkeypatch.setattr(_folder_layout, "MAX_ZIP_RATIO", 1000)  # a zip's own size counts too
+    assert len(list_folder(z).classes) == 3
+
+
+def png_bomb(path: Path, side: int) -> Path:
+    """A real grayscale PNG of side x side black pixels: megapixels in a few KiB, made row by row."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z, row, idat = zlib.compressobj(9), bytes(side + 1), b""
+    for _ in range(side):
+        idat += z.compress(row)
+    idat += z.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("as_zip", [False, True])
+def test_image_over_the_pixel_limit_is_skipped_before_decoding(tree, tmp_path, as_zip):
+    bomb = png_bomb(tree / "cat" / "bomb.png", 8100)  # 65.6 MP: PIL alone decodes it (no warning)
+    assert bomb.stat().st_size < 200_000
+    path = zip_tree(tree, tmp_path / "images.zip") if as_zip else tree
+    d = load(path, tmp_path)
+    assert d.skipped == 1 and d.skipped_reasons == ("cat/bomb.png: 8100x8100 pixels, over the 64-megapixel limit",)
+    with Image.open(bomb) as img:  # a good PNG: it is the limit that refuses it
+        assert img.size == (8100, 8100)
+
+
+def test_plain_file_over_the_limits_is_skipped_too(tree, tmp_path, monkeypatch):
+    monkeypatch.setattr(folder, "MAX_FILE_BYTES", MiB)
+    monkeypatch.setattr(folder, "MAX_IMAGE_PIXELS", 2000)
+    (tree / "dog" / "huge.bmp").write_bytes(bytes(2 * MiB))
+    Image.new("RGB", (100, 30)).save(tree / "dog" / "wide.png")
+    # not regular files: read whole, /dev/zero would never end and a FIFO would wait for a writer
+    (tree / "bird" / "null.png").symlink_to(os.devnull)
+    (tree / "bird" / "gone.png").symlink_to(tree / "nowhere.png")  # a broken link
+    d = load(tree, tmp_path)
+    assert d.skipped_reasons == ("bird/f.jpeg: 64x48 pixels, over the 0.002-megapixel limit",
+                                 "bird/gone.png: FileNotFoundError: [Errno 2] No such file or directory: "
+                                 f"'{tree}/bird/gone.png'",
+                                 "bird/null.png: not a regular file",
+                                 "cat/f.jpeg: 64x48 pixels, over the 0.002-megapixel limit",
+                                 "dog/f.jpeg: 64x48 pixels, over the 0.002-megapixel limit",
+                                 "dog/huge.bmp: 2 MiB, over the 1 MiB limit per file",
+                                 "dog/wide.png: 100x30 pixels, over the 0.002-megapixel limit")
+    assert d.skipped == 7 and len(d.train_y) + len(d.test_y) == 15
+
+
+def test_symlink_loops_are_not_followed_and_no_image_is_listed_twice(tree, tmp_path):
+    (tree / "cat" / "loop").symlink_to("..")
+    (tree / "dog" / "self").symlink_to(".")
+    (tree / "cat" / "alias.png").symlink_to("../dog/a.png")  # a link to dog's image: counted once, as dog's
+    lst = list_folder(tree)  # before: dozens of levels deep, the same image under every class
+    files = lst.train_files + lst.test_files
+    real = [os.path.realpath(tree / f) for f in files]
+    assert len(files) == 18 and len(set(real)) == 18
+    assert not set(lst.train_files) & set(lst.test_files)
+    assert all(f.count("/") == 1 for f in files) and "cat/alias.png" not in files
+    d = load(tree, tmp_path)
+    assert len(d.train_y) + len(d.test_y) == 18 and d.skipped == 0
+
+
+def test_a_link_into_the_other_split_does_not_leak_test_images_into_train(tmp_path):
+    root = make_tree(tmp_path / "images", split=True)
+    (root / "train" / "cat" / "leak").symlink_to("../../test")
+    (root / "train" / "dog" / "up").symlink_to("../..")
+    lst = list_folder(root)
+    assert (len(lst.train_files), len(lst.test_files)) == (12, 6)
+    tests = {os.path.realpath(root / "test" / f) for f in lst.test_files}
+    assert not tests & {os.path.realpath(root / "train" / f) for f in lst.train_files}
+
+
+def test_a_folder_linked_from_outside_is_followed(tmp_path):
+    root = tmp_path / "images"
+    write_images(tmp_path / "elsewhere" / "owl", "cat")
+    write_images(root / "dog", "dog")
+    (root / "owl").symlink_to(tmp_path / "elsewhere" / "owl")
+    assert list_folder(root).classes == ("dog", "owl")
+
+
+def test_blank_class_names_are_errors_naming_the_path(tmp_path):
+    root = make_tree(tmp_path / "images", split=True)
+    z = zip_tree(root, tmp_path / "slash.zip")
+    with zipfile.ZipFile(z, "a") as zf:
+        zf.writestr("train//x.png", (root / "train" / "cat" / "a.png").read_bytes())
+    expect_error(z, r"class folder name '' is empty or blank: .*slash\.zip/train//x\.png")
+    write_images(root / "train" / "  ", "cat", FILES[:1])
+    expect_error(root, r"class folder name '  ' is empty or blank: .*images/train/  /a\.png")
+
+
+def test_skipped_files_reach_the_dataset_and_the_train_command_as_one_warning(tree, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from search import datasets
+    from search.cli import app
+
+    (tree / "cat" / "x.png").write_text("not an image at all")
+    opts = {"path": str(tree), "image_size": 8, "cache_dir": str(tmp_path / "cache")}
+    ds = datasets.load_dataset("folder", options=opts)
+    assert ds.skipped == 1
+    assert ds.skipped_line == (f"skipped 1 of 19 image files in {tree} "
+                               "(first: cat/x.png: not an image (PIL cannot identify it))")
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"dataset": "folder", "data_options": opts, "epochs": 1, "batch_size": 8,
+                                  "device": "cpu", "model_params": {"channels": [4], "padding": 1, "fc": [8]}}))
+    result = CliRunner().invoke(app, ["train", str(config), "--no-test"])
+    assert result.exit_code == 0, result.output
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [f"warning: {ds.skipped_line}"]

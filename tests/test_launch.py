@@ -46,6 +46,10 @@ def test_launch_keeps_the_storage_url_off_the_workers_command_lines(tmp_path):
     assert len(argv) == 2 and all("worker" in a and not any("launched.db" in part for part in a) for a in argv), argv
     study = optuna.load_study(study_name="tiny", storage=open_storage(url, heartbeat_interval=None))
     assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))) == 2
+    for k, args in enumerate(argv):  # worker k is worker index k: recorded with the study and its trials
+        assert args[args.index("--worker-index") + 1] == str(k), args
+    assert {"worker_index:0", "worker_index:1"} <= set(study.user_attrs)
+    assert {t.user_attrs["worker_index"] for t in study.trials} <= {0, 1}
 
 
 @pytest.mark.gpu

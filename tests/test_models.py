@@ -11,6 +11,7 @@ from torch import nn
 
 from models import (
     ModelConfigError,
+    ModelShapeError,
     UnknownModelError,
     build_model,
     count_parameters,
@@ -33,9 +34,8 @@ def _cases():
         elif name.startswith("cifar_"):
             yield name, CIFAR, {}
         else:
-            # The default convnet (unpadded 3x3, two poolings) cannot fit 8x8; padding lets it.
-            digits_params = {"padding": "same"} if name == "convnet" else {}
-            yield name, DIGITS, digits_params
+            # The default convnet pads 'same' by itself on 8x8 (see test_padding_not_given_...).
+            yield name, DIGITS, {}
             yield name, CIFAR, {}
     # Convnet options the presets do not exercise, so their layers get a gradient check too.
     yield "convnet", DIGITS, {"channels": [8, 16], "convs": [2, 1], "padding": [1, "same"], "pool": ["avg", "none"],
@@ -160,16 +160,26 @@ def test_bad_input_shape_or_classes_is_a_config_error():
 
 def test_architecture_too_deep_for_8x8_fails_at_build_with_the_block():
     # 8 -conv-> 6 -pool-> 3 -conv-> 1 -pool-> 0: the second block cannot fit.
-    with pytest.raises(ModelConfigError) as err:
-        build("convnet", DIGITS, channels=[32, 64, 128])
+    with pytest.raises(ModelShapeError) as err:
+        build("convnet", DIGITS, channels=[32, 64, 128], padding=0)
     assert str(err.value) == ("convnet: block 2 shrinks the 8x8 input to 0x0; "
                               "use fewer poolings, padding or a smaller kernel")
-    with pytest.raises(ModelConfigError, match="block 1"):
-        build("convnet", DIGITS, kernel_size=9)  # a conv alone can shrink it too
+    with pytest.raises(ModelShapeError, match="block 1"):
+        build("convnet", DIGITS, kernel_size=9, padding=0)  # a conv alone can shrink it too
     with pytest.raises(ModelConfigError, match="block 4 shrinks the 8x8"):
         build("convnet", DIGITS, channels=[8, 8, 8, 8], padding="same")  # 8 -> 4 -> 2 -> 1 -> 0
     with pytest.raises(ModelConfigError, match="cifar_sixconv: block 2"):
         build("cifar_sixconv", DIGITS, padding=0)  # 8 -> 6 -> 4 -> 2 -> 0; presets name themselves
+
+
+def test_padding_not_given_is_unpadded_where_that_fits_and_same_where_not():
+    """The default convnet trains on 8x8 digits, and networks that fit unpadded keep their layout
+    (model files saved before padded 'same' became the fallback still load)."""
+    assert count_parameters(build("convnet", MNIST)) == count_parameters(build("convnet", MNIST, padding=0))
+    assert count_parameters(build("convnet", DIGITS)) == count_parameters(build("convnet", DIGITS, padding="same"))
+    assert build("convnet", DIGITS)(torch.randn(2, *DIGITS)).shape == (2, 10)
+    with pytest.raises(ModelShapeError, match="block 2 shrinks the 8x8 input"):  # neither fits: the unpadded error
+        build("convnet", DIGITS, channels=[8, 8, 8, 8])
 
 
 def test_each_conv_has_its_own_batchnorm():

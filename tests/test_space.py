@@ -54,7 +54,7 @@ def test_conditions_on_conditional_parents(tmp_path):
         '[space.nesterov]\ntype = "categorical"\nchoices = [false, true]\nwhen = { optimizer = ["sgd"] }\n'
         '[space.momentum]\ntype = "float"\nlow = 0.5\nhigh = 0.9\nwhen = { optimizer = ["sgd"] }\n'
         '[space.optimizer]\ntype = "categorical"\nchoices = ["sgd", "adam"]\n'
-        '[space.warm]\ntype = "int"\nlow = 0\nhigh = 2\nwhen = { nesterov = [true] }\n')
+        '[space.warm]\ntype = "int"\nlow = 0\nhigh = 2\nwhen = { nesterov = [true] }\ntarget = "warmup_epochs"\n')
     for params in run_trials(load_spec(path), 30, seed=1):
         assert ("nesterov" in params) == ("momentum" in params) == (params["optimizer"] == "sgd")
         assert ("warm" in params) == (params.get("nesterov") is True)
@@ -117,6 +117,25 @@ def test_corner_params_cover_every_choice_with_conditions_met(digits):
     assert heads == {"adaptive_avg"}
 
 
+def test_corner_pairs_meet_every_two_values_that_can_meet(tmp_path):
+    from search.space import corner_pairs
+
+    path = tmp_path / "s.toml"
+    path.write_text('[study]\nname = "t"\nn_trials = 1\n'
+                    '[space.optimizer]\ntype = "categorical"\nchoices = ["sgd", "adam"]\n'
+                    '[space.momentum]\ntype = "float"\nlow = 0.5\nhigh = 0.9\nwhen = { optimizer = ["sgd"] }\n'
+                    '[space.nesterov]\ntype = "categorical"\nchoices = [false, true]\n'
+                    'when = { optimizer = ["sgd"] }\n'
+                    '[space.batch_size]\ntype = "categorical"\nchoices = [16, 32]\n')
+    pairs = {(p.name, v, q.name, w) for p, v, q, w, params in corner_pairs(load_spec(path).space)
+             if params[p.name] == v and params[q.name] == w}
+    assert ("momentum", 0.9, "nesterov", True) in pairs and ("nesterov", True, "batch_size", 32) in pairs
+    assert not any(("adam" in (v, w)) and "nesterov" in (p, q) for p, v, q, w in pairs)  # never together
+    assert ("optimizer", "adam", "batch_size", 16) in pairs
+    # optimizer with momentum or nesterov: sgd only (2 + 2); every other pair: 2 x 2 values (4 pairs)
+    assert len(pairs) == 2 + 2 + 4 * 4
+
+
 def in_shape(spec) -> tuple[int, int, int]:
     if spec.data["dataset"] == "folder":
         options = spec.data["data_options"]
@@ -125,9 +144,11 @@ def in_shape(spec) -> tuple[int, int, int]:
 
 
 @pytest.mark.parametrize("path", sorted(STUDIES.glob("*.toml")), ids=lambda p: p.stem)
-def test_shipped_space_builds_a_model_at_every_corner_and_random_point(path):
+def test_shipped_space_builds_a_model_at_every_corner_and_random_point(path, monkeypatch, request):
     from models import build_model
 
+    if 'dataset = "folder"' in path.read_text():  # load_spec lists the folder
+        monkeypatch.setenv("CNNSEARCH_DATA", str(request.getfixturevalue("shared_datasets")))
     spec = load_spec(path)
     points = [params for _, _, params in corner_params(spec.space)] + run_trials(spec, 10, seed=5)
     for params in points:

@@ -36,7 +36,9 @@ def test_all_shipped_studies_are_found():
 
 
 @pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.stem)
-def test_shipped_study_loads_and_round_trips_through_json(path):
+def test_shipped_study_loads_and_round_trips_through_json(path, monkeypatch, request):
+    if 'dataset = "folder"' in path.read_text():  # load_spec lists the folder: its class count shapes the model
+        monkeypatch.setenv("CNNSEARCH_DATA", str(request.getfixturevalue("shared_datasets")))
     spec = load_spec(path)
     assert isinstance(spec, StudySpec) and spec.name == path.stem
     assert path.read_text().startswith(f"# {path.stem}:"), "each study opens with a comment saying what it is for"
@@ -100,6 +102,12 @@ INVALID = [
     ("bad metric", STUDY + 'metric = "acc"\n' + LR, "study.metric", "val_acc"),
     ("wrong direction", STUDY + 'metric = "val_loss"\ndirection = "maximize"\n' + LR, "study.direction", "minimize"),
     ("bad timeout", STUDY + "timeout = -1\n" + LR, "study.timeout", "> 0"),
+    ("nan timeout", STUDY + "timeout = nan\n" + LR, "study.timeout", "got nan"),
+    ("infinite timeout", STUDY + "timeout = inf\n" + LR, "study.timeout", "got inf"),
+    ("zero max_params", STUDY + "max_params = 0\n" + LR, "study.max_params", ">= 1"),
+    ("float max_params", STUDY + "max_params = 1e9\n" + LR, "study.max_params", "integer"),
+    ("bad max_memory", STUDY + 'max_memory = "lots"\n' + LR, "study.max_memory", '"8GiB"'),
+    ("zero max_memory", STUDY + "max_memory = 0\n" + LR, "study.max_memory", "got 0"),
     ("unknown data key", STUDY + "[data]\nsize = 3\n" + LR, "data.size", "valid: dataset"),
     ("fixed key in data", STUDY + "[data]\nlr = 0.1\n" + LR, "data.lr", "[fixed]"),
     ("data key in fixed", STUDY + '[fixed]\ndataset = "mnist"\n' + LR, "fixed.dataset", "[data]"),
@@ -361,5 +369,55 @@ def test_overrides_shrink_a_shipped_study_and_are_validated():
     assert (spec.n_trials, spec.name, spec.data["subset"], spec.fixed["epochs"]) == (5, "mnist_pooling_cpu", 1000, 2)
     with pytest.raises(SpecError, match="mnist_pooling.toml: .*n_trials"):
         load_spec("studies/mnist_pooling.toml", ["study.n_trials=0"])
+
+
+# Samplers and pruners checked by use (issue 14, class 2): one trial is drawn on a throwaway
+# in-memory study at create, so a sampler that cannot sample the space is one line there, not a
+# crash (or a spin) in every worker.
+
+GRID = '[sampler]\nname = "GridSampler"\nkwargs = {{ search_space = {{ {grid} }} }}\n'
+
+
+@pytest.mark.parametrize("grid,missing", [
+    ("lr = [1e-3]", "optimizer"),
+    ('lr = [1e-3], optimizer = ["sgd", "adam"]', "momentum"),  # conditional: active only for sgd
+], ids=["top-level", "conditional"])
+def test_a_sampler_that_cannot_sample_the_space_is_one_line_at_create(tmp_path, grid, missing):
+    path = write(tmp_path, STUDY + LR + OPT + MOMENTUM + GRID.format(grid=grid))
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    message = str(info.value)
+    expected = f"{path}: sampler.kwargs.search_space: GridSampler cannot sample space.{missing} ("
+    assert message.startswith(expected) and "is not found in the given grid" in message, message
+    assert "\n" not in message
+
+
+def test_a_grid_that_covers_the_space_passes_and_samples_it(tmp_path):
+    grid = 'lr = [1e-3, 1e-2], optimizer = ["sgd", "adam"], momentum = [0.5, 0.9]'
+    spec = load_spec(write(tmp_path, STUDY + LR + OPT + MOMENTUM + GRID.format(grid=grid)))
+    params = suggest_params(optuna.create_study(sampler=make_sampler(spec)).ask(), spec)
+    assert params["lr"] in (1e-3, 1e-2) and params["optimizer"] in ("sgd", "adam")
+
+
+@pytest.mark.parametrize("seed", [2**32, -1, 2**40])
+def test_sampler_seed_out_of_range_is_one_line(tmp_path, seed):
+    path = write(tmp_path, STUDY + LR + f'[sampler]\nname = "RandomSampler"\nkwargs = {{ seed = {seed} }}\n')
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert str(info.value) == f"{path}: sampler.kwargs.seed: expected an integer in [0, 2**32), got {seed}"
+
+
+@pytest.mark.parametrize("name", ["RandomSampler", "TPESampler"])
+def test_the_worker_offset_never_pushes_a_seed_out_of_range(tmp_path, name):
+    top = 2**32 - 1
+    spec = load_spec(write(tmp_path, STUDY + LR + f'[sampler]\nname = "{name}"\nkwargs = {{ seed = {top} }}\n'))
+    pid_like = 4_194_304  # pid_max on Linux
+
+    def first_lr(sampler) -> float:
+        return optuna.create_study(sampler=sampler).ask().suggest_float("lr", 1e-4, 1e-1, log=True)
+
+    wrapped = getattr(optuna.samplers, name)(seed=(top + pid_like) % 2**32)
+    assert first_lr(make_sampler(spec, seed_offset=pid_like)) == first_lr(wrapped)
+    assert first_lr(make_sampler(spec, seed_offset=0)) != first_lr(make_sampler(spec, seed_offset=1))
     with pytest.raises(SpecError, match="expected key=value"):
         load_spec("studies/mnist_pooling.toml", ["study.n_trials"])

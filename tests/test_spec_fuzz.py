@@ -4,6 +4,10 @@ fail with one SpecError line naming the file, never another exception, and never
 The mutations start from the shipped studies/*.toml: delete keys, change types, swap values, add
 unknown keys, put low above high, write random strings or Python-looking code. Files are written
 with the small TOML writer below (inline tables only, which TOML allows at any depth).
+
+And end to end: a generated study is either refused by `create` with one line, or trains its
+first trial (complete, or pruned; "rejected" only for an architecture that cannot fit the
+input); never a third outcome, such as a crash in the trial or every trial rejected for a typo.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -187,6 +191,135 @@ def test_an_invalid_study_file_never_reaches_the_storage(tmp_path, doc):
     result = runner.invoke(app, ["create", str(path), "--storage", f"sqlite:///{db}"])
     assert result.exit_code == 1 and result.stderr.startswith(f"error: {path}: "), result.output
     assert len(result.stderr.strip().splitlines()) == 1 and not db.exists()
+
+
+# --- refused at create, or the first trial trains: no third outcome -------------------------------
+
+# The shipped studies made quick to train on this CPU: synthetic images of each study's shape (a
+# few dozen), one epoch, one trial. The mutations hit what a user writes about the search itself
+# ([fixed], [space], [sampler], [pruner], [[enqueue]]); [study] and [data] are the harness here
+# (the tests above fuzz them at load time).
+SHAPES = {"digits": (1, 8), "mnist": (1, 28), "fashion_mnist": (1, 28), "cifar10": (3, 32)}
+SEARCH_SECTIONS = ("fixed", "space", "sampler", "pruner", "enqueue")
+
+
+def trainable(doc: dict) -> dict:
+    doc = json.loads(json.dumps(doc))
+    data = doc.get("data", {})
+    if data.get("dataset") == "folder":
+        options = data["data_options"]
+        channels, size = options.get("channels", 3), options.get("image_size", 32)
+    else:
+        channels, size = SHAPES[data.get("dataset", "digits")]
+    doc["study"] = {"name": "fuzz", "n_trials": 1, "max_params": 12_000_000, "max_memory": "2GiB"}
+    doc["data"] = {"dataset": "synthetic", "data_options": {"n": 60, "classes": 10, "channels": channels,
+                                                            "size": size}}
+    return doc
+
+
+# Values a user could plausibly write, so that most tweaked files still parse and reach the models.
+WORDS = ["none", "max", "avg", "same", "relu", "leaky_relu", "gelu", "tanh", "flatten", "adaptive_avg",
+         "adaptive_max", "sgd", "adam", "adamw", "rmsprop", "step", "cosine", "onecycle", "auto", "fp32", "bf16",
+         "convnet", "lenet5", "alexnet", "mnist_fc", "mnist_pool", "cifar_sixconv_bn", "cifar_threeconv",
+         "RandomSampler", "TPESampler", "QMCSampler", "NopPruner", "HyperbandPruner", "PercentilePruner",
+         "model_params.fc[0]", "model_params.channels[1]", "batch_size", "crop_padding", "kernal_size"]
+PLAUSIBLE = {
+    int: st.one_of(st.sampled_from([0, 1, 2, 3, 4, 5, 7, 9, 16, 64, 256, 1000, 4096, 60000, 2**31, -1]),
+                   st.integers(0, 300)),
+    float: st.one_of(st.sampled_from([0.0, 0.5, 0.9, 0.999, 1.0, 1e-9, 10.0, -0.1]), st.floats(0, 2)),
+    bool: st.booleans(),
+    str: st.sampled_from(WORDS),
+}
+MODEL_KEYS = ["channels", "convs", "kernel_size", "padding", "pool", "pool_size", "dropout", "dropout2d",
+              "batchnorm", "activation", "head", "adaptive_size", "fc", "fc_dropout", "kernal_size"]
+PARAMS = st.sampled_from([  # whole [space.x] tables that are valid on their own
+    ("batch_size", {"type": "categorical", "choices": [1, 2, 4096]}),
+    ("crop_padding", {"type": "int", "low": 0, "high": 64}),
+    ("nesterov", {"type": "categorical", "choices": [False, True]}),
+    ("pool", {"type": "categorical", "choices": ["max", "none"]}),
+    ("kernel_size", {"type": "int", "low": 1, "high": 9}),
+    ("adaptive_size", {"type": "int", "low": 1, "high": 40}),
+    ("fc_width", {"type": "categorical", "choices": [8, 60000], "target": "model_params.fc[0]"}),
+    ("channels_1", {"type": "int", "low": 1, "high": 512, "target": "model_params.channels[0]"}),
+    ("kernal_size", {"type": "int", "low": 3, "high": 5}),
+    ("model", {"type": "categorical", "choices": ["convnet", "lenet5", "alexnet", "mnist_pool"]}),
+    ("scheduler", {"type": "categorical", "choices": ["onecycle", "step"]}),
+    ("seed", {"type": "int", "low": 0, "high": 2**32 - 1}),
+])
+
+
+def tweak(doc: dict, draw) -> dict:
+    """A plausible change that keeps the file's structure: a leaf value replaced by one of its own
+    kind, a model param added to [fixed], or a whole parameter added to the space."""
+    doc = json.loads(json.dumps(doc))
+    kind = draw(st.sampled_from(["leaf", "leaf", "model_param", "param"]))
+    leaves = [p for p, v in paths(doc) if not isinstance(v, (dict, list))]
+    if kind == "leaf" and leaves:
+        path = draw(st.sampled_from(leaves))
+        holder = parent(doc, path)
+        holder[path[-1]] = draw(PLAUSIBLE[type(holder[path[-1]])])
+    elif kind == "model_param" and isinstance(doc.get("fixed"), dict):
+        params = doc["fixed"].setdefault("model_params", {})
+        if isinstance(params, dict):
+            params[draw(st.sampled_from(MODEL_KEYS))] = draw(st.one_of(
+                *PLAUSIBLE.values(), st.lists(PLAUSIBLE[int], min_size=1, max_size=4)))
+    elif kind == "param" and isinstance(doc.get("space"), dict):
+        name, table = draw(PARAMS)
+        doc["space"][name] = table
+    return doc
+
+
+@st.composite
+def mutated_search(draw) -> dict:
+    doc = trainable(draw(st.sampled_from(BASES)))
+    if draw(st.booleans()):
+        doc.pop("enqueue", None)  # tweaks to the space often leave an enqueued value outside it
+    search = {k: doc.pop(k) for k in SEARCH_SECTIONS if k in doc}
+    for _ in range(draw(st.integers(0, 2))):
+        search = draw(st.sampled_from([tweak, tweak, tweak, mutate]))(search, draw)
+    doc.update(search)
+    if isinstance(doc.get("fixed"), dict):  # whatever else changed, one epoch on the CPU
+        doc["fixed"].update(epochs=1, device="cpu")
+    return doc
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(doc=mutated_search())
+def test_a_study_is_refused_at_create_or_trains_its_first_trial(tmp_path_factory, doc):
+    import optuna
+
+    from search import spec as spec_mod
+    from search import study as study_mod
+    from search.objective import make_objective
+
+    folder = tmp_path_factory.mktemp("fuzz")
+    path, url = folder / "study.toml", f"sqlite:///{folder / 'fuzz.db'}"
+    path.write_text(to_toml(doc))
+    result = runner.invoke(app, ["create", str(path), "--storage", url])
+    if result.exit_code != 0:  # refused: one line, exit 1, no study
+        assert result.exit_code == 1, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+        assert study_mod.list_studies(url) == [] if (folder / "fuzz.db").exists() else True
+        event("refused at create")
+        return
+    study, spec = study_mod.load("fuzz", url)
+    study.sampler, study.pruner = spec_mod.make_sampler(spec), spec_mod.make_pruner(spec)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study.optimize(make_objective(spec, device="cpu"), n_trials=1, catch=())  # any crash fails the test
+    (trial,) = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                        optuna.trial.TrialState.PRUNED))
+    if trial.user_attrs.get("stop_reason", "").startswith("rejected"):
+        # Pruned as "rejected" before training: right only for an architecture that cannot fit the
+        # input (a property of the space); bad model params are create's to refuse.
+        from models import ModelShapeError, build_model
+        from search.datasets import describe
+        from search.space import params_to_config
+
+        cfg = params_to_config(spec, trial.params)
+        with pytest.raises(ModelShapeError):
+            build_model(cfg, *describe(cfg.dataset, cfg.data_options))
+    event(f"first trial {trial.state.name.lower()}")
 
 
 # --- study files are data ------------------------------------------------------------------------

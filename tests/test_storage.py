@@ -130,3 +130,82 @@ def test_open_store_opens_once_and_masks_the_password(tmp_path):
     assert storage.open_store(store) is store  # passed down, never reopened
     assert store.url == url and store.shown == url
     assert storage.mask_url("postgresql+psycopg://u:pw@h/db") == "postgresql+psycopg://u:***@h/db"
+
+
+# --- read commands never create storage ------------------------------------------------------
+
+
+def _tables(url: str) -> set[str]:
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        return set(sqlalchemy.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def test_a_reader_finds_no_sqlite_file_and_leaves_none(tmp_path, monkeypatch):
+    """SQLite creates the file on connecting: a reader must look for it first, and say where."""
+    from search.errors import StorageError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StorageError) as err:
+        open_storage("sqlite:///cnnsearch.db", heartbeat_interval=None, create=False)
+    assert str(err.value) == (f"no database at {tmp_path / 'cnnsearch.db'} (sqlite:///cnnsearch.db); run "
+                              "cnnsearch create or run first, or pass --storage URL")
+    typo = f"sqlite:///{tmp_path / 'tpyo' / 'study.db'}"
+    with pytest.raises(StorageError, match="no database at .*tpyo/study.db"):
+        open_storage(typo, create=False)  # a worker's settings: heartbeat on
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_reader_adds_no_tables_to_an_empty_or_foreign_sqlite_file(tmp_path):
+    from search.errors import StorageError
+
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    with pytest.raises(StorageError, match=f"no cnnsearch tables in {empty} \\(sqlite:///"):
+        open_storage(f"sqlite:///{empty}", heartbeat_interval=None, create=False)
+    assert empty.stat().st_size == 0
+    foreign = f"sqlite:///{tmp_path / 'foreign.db'}"
+    engine = sqlalchemy.create_engine(foreign)
+    with engine.begin() as conn:
+        conn.execute(sqlalchemy.text("CREATE TABLE notes (id INTEGER PRIMARY KEY)"))
+    engine.dispose()
+    with pytest.raises(StorageError, match="no cnnsearch tables in"):
+        open_storage(foreign, heartbeat_interval=None, create=False)
+    assert _tables(foreign) == {"notes"}
+    with pytest.raises(StorageError, match="no cnnsearch tables in sqlite://;"):
+        open_storage("sqlite://", heartbeat_interval=None, create=False)  # in memory: nothing to read
+
+
+def test_a_reader_opens_storage_that_create_made(tmp_path):
+    url = f"sqlite:///{tmp_path / 'made.db'}"
+    optuna.create_study(study_name="s", storage=open_storage(url, heartbeat_interval=None))
+    tables = _tables(url)
+    reader = open_storage(url, heartbeat_interval=None, create=False)
+    assert [s.study_name for s in optuna.get_all_study_summaries(reader, include_best_trial=False)] == ["s"]
+    assert _tables(url) == tables
+
+
+def test_sqlite_path_is_the_file_sqlite_would_open(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = lambda url: storage.sqlite_path(sqlalchemy.engine.make_url(url))  # noqa: E731
+    assert path("sqlite:///rel/x.db") == str(tmp_path / "rel" / "x.db")
+    assert path(f"sqlite:///{tmp_path}/abs.db") == str(tmp_path / "abs.db")
+    assert path(f"sqlite:///file:{tmp_path}/u.db?mode=ro&uri=true") == str(tmp_path / "u.db")
+    assert path("sqlite://") is None and path("sqlite:///:memory:") is None
+
+
+@pytest.mark.postgres
+def test_a_reader_adds_no_tables_to_an_empty_postgres_database(pg_url):
+    from search.errors import StorageError
+
+    assert _tables(pg_url) == set()
+    with pytest.raises(StorageError) as err:
+        open_storage(pg_url, heartbeat_interval=None, create=False)
+    assert str(err.value) == (f"no cnnsearch tables in {storage.mask_url(pg_url)}; run cnnsearch create or "
+                              "run first, or pass --storage URL")
+    assert _tables(pg_url) == set()
+    open_storage(pg_url, heartbeat_interval=None)  # create: Optuna's tables
+    assert {"studies", "trials", "version_info"} <= _tables(pg_url)
+    assert isinstance(open_storage(pg_url, heartbeat_interval=None, create=False), TrialCache)

@@ -94,12 +94,7 @@ def test_a_folder_study_stores_class_names_and_runs(tmp_path):
     from search.worker import run_worker
 
     images = _image_folder(tmp_path / "pets")
-    text = tiny_study(tmp_path, n_trials=2, epochs=1).read_text().replace(
-        'dataset = "synthetic"\ndata_options = { n = 400, classes = 4, channels = 1, size = 12, seed = 0 }',
-        f'dataset = "folder"\ndata_options = {{ path = "{images}", image_size = 8, channels = 3, '
-        f'cache_dir = "{tmp_path / "cache"}" }}')
-    path = tmp_path / "pets.toml"
-    path.write_text(text)
+    path = _folder_study(tmp_path, images)
     url = f"sqlite:///{tmp_path}/s.db"
     made = study_mod.create(spec_mod.load_spec(path), url)
     assert made.study.user_attrs["classes"] == ["cat", "dog", "owl"]
@@ -120,3 +115,76 @@ def test_train_takes_a_folder_directly(tmp_path, monkeypatch):
                                       "--set", 'model_params={"channels": [4], "padding": 1, "fc": [8]}'])
     assert result.exit_code == 0, result.output
     assert "test acc" in result.stdout
+
+
+def _folder_study(tmp_path, images):
+    text = tiny_study(tmp_path, n_trials=2, epochs=1).read_text().replace(
+        'dataset = "synthetic"\ndata_options = { n = 400, classes = 4, channels = 1, size = 12, seed = 0 }',
+        f'dataset = "folder"\ndata_options = {{ path = "{images}", image_size = 8, channels = 3, '
+        f'cache_dir = "{tmp_path / "cache"}" }}')
+    path = tmp_path / "pets.toml"
+    path.write_text(text)
+    return path
+
+
+def test_create_is_all_or_nothing_when_the_folder_is_missing(tmp_path):
+    """Listing the folder used to come after the study was made: a missing folder left a
+    half-made study behind, and creating it again waited a minute for its spec, then refused."""
+    import time
+
+    from search.errors import DataError
+
+    images = _image_folder(tmp_path / "pets")
+    url = f"sqlite:///{tmp_path}/s.db"
+    spec = spec_mod.load_spec(_folder_study(tmp_path, images))  # the folder was there then
+    images.rename(tmp_path / "moved")
+    with pytest.raises(DataError, match="does not exist"):
+        study_mod.create(spec, url)
+    # Nothing written: no database file at all (readers refuse one), or one without studies.
+    assert not (tmp_path / "s.db").exists() or study_mod.list_studies(url) == []
+    (tmp_path / "moved").rename(images)
+    started = time.monotonic()
+    made = study_mod.create(spec, url)
+    assert made.created and made.study.user_attrs["classes"] == ["cat", "dog", "owl"]
+    assert time.monotonic() - started < 20  # at once, not after waiting out a half-made study
+
+
+def test_create_warns_when_the_data_is_not_on_this_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNNSEARCH_DATA", str(tmp_path / "nodata"))
+    path = tiny_study(tmp_path)
+    path.write_text(path.read_text().replace(
+        'dataset = "synthetic"\ndata_options = { n = 400, classes = 4, channels = 1, size = 12, seed = 0 }',
+        'dataset = "mnist"'))
+    made = study_mod.create(spec_mod.load_spec(path), f"sqlite:///{tmp_path}/s.db")
+    assert made.created and len(made.warnings) == 1
+    assert made.warnings[0].startswith(f"mnist not found in {tmp_path / 'nodata'} (looked for MNIST/raw/")
+    synthetic = study_mod.create(spec_mod.load_spec(tiny_study(tmp_path, name="other")), f"sqlite:///{tmp_path}/s.db")
+    assert synthetic.warnings == ()
+
+
+def test_readers_rebuild_the_stored_spec_without_validating_it_again(tmp_path, monkeypatch):
+    """status, best, export and report take the spec as it was validated at create: rebuilt
+    (the same StudySpec), not checked again against models and data (torch, a sampler trial)."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    spec = spec_mod.load_spec(tiny_study(tmp_path, enqueue='[[enqueue]]\nlr = 1e-3\noptimizer = "sgd"\n'
+                                                          'momentum = 0.5\n'))
+    study_mod.create(spec, url)
+
+    def no_validation(doc):
+        raise AssertionError("a reader validated the stored spec again")
+
+    monkeypatch.setattr(spec_mod, "_parse", no_validation)
+    _, stored = study_mod.load("tiny", url, validate=False)
+    assert stored == spec and spec_mod.spec_to_dict(stored) == spec_mod.spec_to_dict(spec)
+    assert study_mod.summary("tiny", url)["budget"] == spec.n_trials
+    with pytest.raises(spec_mod.SpecError, match="stored spec: space.lr.low: must be > 0"):
+        bad = spec_mod.spec_to_dict(spec)
+        bad["space"]["lr"]["low"] = 0
+        spec_mod.spec_from_dict(bad, validate=False)  # the layout is still checked
+
+
+def test_a_reader_that_cannot_reach_the_database_says_so_and_masks_the_password():
+    with pytest.raises(StorageError) as info:
+        open_storage("postgresql+psycopg://bob:hunter2@127.0.0.1:1/cnn", create=False)
+    message = str(info.value)
+    assert message.startswith("cannot reach the storage at 127.0.0.1") and "hunter2" not in message

@@ -13,10 +13,12 @@ from search.errors import DataError, DatasetNotFound
 
 from ._common import (
     Dataset,
+    choose_data_dir,
     clear_cache,
     dataset_for,
     describe,
     load_dataset,
+    missing_files,
     resolve_data_dir,
     resolve_folder_path,
     split_val,
@@ -40,6 +42,7 @@ __all__ = [
     "FolderData",
     "FolderError",
     "FolderListing",
+    "choose_data_dir",
     "clear_cache",
     "dataset_for",
     "describe",
@@ -47,6 +50,7 @@ __all__ = [
     "list_folder",
     "load_dataset",
     "load_folder",
+    "missing_files",
     "names",
     "register_dataset",
     "resolve_data_dir",

@@ -3,7 +3,7 @@
 Every dataset comes back the same way: images uint8 [N, C, H, W], labels int64 [N], per-channel
 mean/std in [0, 1] pixel units, and a validation split carved from the training set (stratified,
 fixed seed) so the search never sees the test set. Loaders are found by name in the registry
-(`_registry.py`); each returns (train_x, train_y, test_x, test_y, classes[, skipped]).
+(`_registry.py`); each returns (train_x, train_y, test_x, test_y, classes[, skipped[, skipped_line]]).
 
 Normalisation stats: datasets that register published values (mnist, fashion_mnist, cifar10:
 what hand-written training scripts use, so exported configs behave the same) use them; every
@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from search.errors import DataError
+from search.errors import DataError, DatasetNotFound
 
 from ._registry import DatasetInfo, check_options, get_dataset_info
 
@@ -38,6 +38,7 @@ class Dataset:
     std: tuple[float, ...]
     classes: tuple[str, ...]
     skipped: int = 0  # unreadable image files left out (folder datasets)
+    skipped_line: str = ""  # one line saying how many and the first one why, for a warning; "" if none
 
     @property
     def in_shape(self) -> tuple[int, int, int]:
@@ -68,6 +69,32 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
     return Path(chosen).expanduser().absolute()
 
 
+def choose_data_dir(flag: str | os.PathLike | None = None, stored: str | os.PathLike | None = None) -> str | None:
+    """The data directory a command uses, one precedence for every command: its `--data-dir`
+    (`flag`) > $CNNSEARCH_DATA > the config file's or the study's `data_dir` (`stored`) > None,
+    which `resolve_data_dir` reads as ./data. Where the data lives is a property of the machine
+    that runs the command, so this machine's flag and environment beat a path written in a file
+    (or stored with a study) elsewhere.
+
+    Example:
+        >>> choose_data_dir("/flag", "/file")
+        '/flag'
+    """
+    chosen = flag or os.environ.get("CNNSEARCH_DATA") or stored
+    return str(chosen) if chosen else None
+
+
+def not_found(name: str, root: Path, looked_for: str) -> DatasetNotFound:
+    """The one error for a dataset whose files (`looked_for`, under `root`) are not there. Its
+    hint works in every command that reads data: --data-dir is an option of train, predict,
+    create, run, worker and launch; the download switch is named with the commands that take it
+    (tests/test_datasets.py checks both against each command's --help)."""
+    top = looked_for.split("/")[0]
+    return DatasetNotFound(f"{name} not found in {root} (looked for {looked_for}); give --data-dir DIR (or "
+                           f"CNNSEARCH_DATA=DIR) for the folder that holds {top}/, or let torchvision fetch it: "
+                           "train --set download=true, create/run --set data.download=true")
+
+
 def _stratified_pick(y: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     """Exactly k indices of y, each class in proportion (largest remainder), sorted."""
     classes, counts = torch.unique(y, return_counts=True)
@@ -91,6 +118,9 @@ def split_val(x: torch.Tensor, y: torch.Tensor, val_fraction: float, seed: int):
     """
     if isinstance(val_fraction, bool) or not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction: must be in [0, 1), got {val_fraction!r}")
+    if val_fraction > 0 and len(y) and round(len(y) * val_fraction) == 0:  # every trial would crash on it
+        raise DataError(f"val_fraction: {val_fraction} of {len(y)} images rounds to 0 validation images; "
+                        f"use at least {1 / len(y):.2g}, or 0 for no validation split")
     held = _stratified_pick(y, round(len(y) * val_fraction), seed)
     keep = torch.ones(len(y), dtype=torch.bool)
     keep[held] = False
@@ -118,7 +148,8 @@ def _torchvision(name: str, tv_class: Callable, root: Path, download: bool) -> l
     except Exception as err:
         reason = " ".join(str(err).split())
         raise DataError(f"{name}: torchvision could not {'download' if download else 'read'} it in {root} "
-                        f"({reason}); delete partial files and retry, or pass --data-dir DIR") from err
+                        f"({reason}); delete partial files and retry, or give --data-dir DIR (or CNNSEARCH_DATA=DIR) "
+                        "naming a folder that holds it") from err
 
 
 def _freeze(value: Any) -> Any:
@@ -169,6 +200,22 @@ def describe(name: str, options: dict | None = None,
     return tuple(info.shape(options)), int(info.classes(options, root))
 
 
+def missing_files(name: str, options: dict | None = None, data_dir: str | os.PathLike | None = None) -> str | None:
+    """One line saying which of the dataset's files are not on this machine, or None when none
+    are missing (or the dataset reads no files from the data directory). Reads no file.
+
+    Example:
+        >>> missing_files("mnist", data_dir="/nowhere")
+        'mnist not found in /nowhere (looked for MNIST/raw/train-images-idx3-ubyte[.gz])'
+    """
+    info = get_dataset_info(name)
+    if info.missing is None or not info.uses_data_dir:
+        return None
+    root = resolve_data_dir(data_dir)
+    absent = info.missing(_options(info, options, data_dir), root)
+    return None if absent is None else f"{name} not found in {root} (looked for {absent})"
+
+
 _RAW: dict[tuple, tuple] = {}  # files read once per process, whatever split or subset is asked for later
 _DATASETS: dict[tuple, Dataset] = {}
 _ON_DEVICE: dict[tuple, Dataset] = {}
@@ -209,7 +256,7 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, downlo
         return _DATASETS[key]
     if raw_key not in _RAW:
         _RAW[raw_key] = info.load(root, download, options)
-    train_x, train_y, test_x, test_y, classes, *skipped = _RAW[raw_key]
+    train_x, train_y, test_x, test_y, classes, *skipped = _RAW[raw_key]  # [skipped[, skipped_line]]
     train_x, train_y, val_x, val_y = split_val(train_x, train_y, val_fraction, val_seed)
     mean, std = info.stats or _channel_stats(train_x)
     if subset is not None:
@@ -218,7 +265,7 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, downlo
         keep = _stratified_pick(train_y, subset, val_seed)
         train_x, train_y = train_x[keep], train_y[keep]
     ds = Dataset(name, train_x, train_y, val_x, val_y, test_x, test_y, tuple(mean), tuple(std), tuple(classes),
-                 skipped=skipped[0] if skipped else 0)
+                 skipped=skipped[0] if skipped else 0, skipped_line=skipped[1] if len(skipped) > 1 else "")
     _DATASETS[key] = ds
     return ds
 
@@ -241,6 +288,7 @@ def to_device(ds: Dataset, device: torch.device | str) -> Dataset:
     if key not in _ON_DEVICE:
         moved = {f: getattr(ds, f).to(dev) for f in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")}
         _ON_DEVICE[key] = Dataset(ds.name, mean=ds.mean, std=ds.std, classes=ds.classes, skipped=ds.skipped,
+                                  skipped_line=ds.skipped_line,
                                   **moved)
     return _ON_DEVICE[key]
 

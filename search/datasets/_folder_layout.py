@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import stat
 import zipfile
 import zlib
 from pathlib import Path
@@ -21,6 +22,13 @@ from search.errors import DataError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 _KINDS = "PNG, JPEG, BMP or WebP"
 _LAYOUT = "expected <root>/<class>/<image> or <root>/train/<class>/<image> + <root>/test/<class>/<image>"
+
+# A zip's images may unpack to at most the larger of these: 20x the zip's own size (JPEG, PNG and
+# WebP barely compress, BMP a few times, so real sets stay far below it, ImageNet-sized zips too)
+# or 16 GiB. A zip bomb declares far more (200 MB of zeros zips to 200 KB) and is refused before
+# anything is inflated; each entry is also bounded when it is read (folder.MAX_FILE_BYTES).
+MAX_ZIP_TOTAL_BYTES = 16 * 2**30
+MAX_ZIP_RATIO = 20
 
 
 class FolderError(DataError):
@@ -99,28 +107,89 @@ def _junk(name: str) -> bool:
 
 
 def _entries(root: Path) -> tuple[list[str], set[str]]:
-    """Image files and folders below root (posix, relative), hidden files and __MACOSX left out."""
-    files, dirs = [], set()
+    """Image files and folders below root (posix, relative), hidden files and __MACOSX left out.
+
+    Raises:
+        FolderError: a folder below root cannot be read, or a zip's images unpack to more than
+            `MAX_ZIP_TOTAL_BYTES` / `MAX_ZIP_RATIO` allow.
+    """
     if root.is_dir():
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            rel = Path(dirpath).relative_to(root).as_posix()
-            prefix = "" if rel == "." else rel + "/"
-            dirnames[:] = [d for d in dirnames if not _junk(d)]
-            dirs.update(prefix + d for d in dirnames)
-            files += [prefix + f for f in filenames if not _junk(f)]
+        files, dirs = _walk(root)
     else:
-        for name in _open_zip(str(root)).namelist():
+        files, dirs, unpacked = [], set(), 0
+        for info in _open_zip(str(root)).infolist():
+            name = info.filename
             if any(_junk(part) for part in name.split("/")):
                 continue
             if name.endswith("/"):
                 dirs.add(name.rstrip("/"))
             else:
                 files.append(name)
+                unpacked += info.file_size if name.lower().endswith(IMAGE_SUFFIXES) else 0
+        packed = root.stat().st_size
+        limit = max(MAX_ZIP_TOTAL_BYTES, MAX_ZIP_RATIO * packed)
+        if unpacked > limit:
+            raise FolderError(f"{root}: its images unpack to {fmt_bytes(unpacked)}, more than the "
+                              f"{fmt_bytes(limit)} allowed ({MAX_ZIP_RATIO}x the zip's {fmt_bytes(packed)}, "
+                              f"at least {fmt_bytes(MAX_ZIP_TOTAL_BYTES)}): a zip bomb or a damaged zip")
     # parents of non-image files count too: a class folder holding only notes.txt has no images
     for f in files:
         parts = f.split("/")
         dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
     return sorted(f for f in files if f.lower().endswith(IMAGE_SUFFIXES)), dirs
+
+
+def _walk(root: Path) -> tuple[list[str], set[str]]:
+    """Files and folders below root, following symlinks but listing each real file or folder once.
+
+    os.walk(followlinks=True) would follow a loop (``cat/loop -> ..``) dozens of levels deep and
+    list the same image under several classes and on both sides of the split. Here a folder or
+    file already reached (same st_dev and st_ino) is neither listed again nor entered, so a loop
+    ends at once. The walk goes level by level, each level in (symlink last, path) order: an
+    image counts once, at its shallowest path, and at equal depth a real file or folder wins over
+    a link to it (``cat/x.png -> ../dog/y.png`` stays dog's, ``cat/alias -> ../dog`` adds nothing).
+    A broken link is listed as a file, so an image one is skipped as unreadable when decoded.
+    """
+    files, dirs = [], set()
+    seen = {_inode(root.stat())}
+    level = [""]
+    while level:
+        found = []
+        for rel in level:
+            try:
+                with os.scandir(root / rel) as it:
+                    found += [(e.is_symlink(), rel + e.name, e) for e in it if not _junk(e.name)]
+            except OSError as e:
+                raise FolderError(f"cannot read folder {root / rel}: {e.strerror or e}") from None
+        found.sort(key=lambda t: t[:2])
+        level = []
+        for _, name, entry in found:
+            try:
+                st = entry.stat()  # follows symlinks
+            except OSError:  # a broken or looping link
+                files.append(name)
+                continue
+            if _inode(st) in seen:
+                continue
+            seen.add(_inode(st))
+            if stat.S_ISDIR(st.st_mode):
+                dirs.add(name)
+                level.append(name + "/")
+            else:
+                files.append(name)
+    return files, dirs
+
+
+def _inode(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def fmt_bytes(n: int) -> str:
+    """2147483648 -> '2 GiB', 3 * 2**29 -> '1.5 GiB'; for messages."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}".replace(".0 ", " ")
+    return f"{n} bytes"
 
 
 def _wrapper(images: list[str]) -> str:
@@ -137,6 +206,8 @@ def _by_class(root: Path, images: list[str], dirs: set[str], prefix: str) -> dic
     for p in images:
         parts = p.split("/")
         if p.startswith(prefix) and len(parts) >= depth + 2:
+            if not parts[depth].strip():  # a zip entry train//x.png, a folder named " "
+                raise FolderError(f"class folder name {parts[depth]!r} is empty or blank: {root}/{p}")
             found.setdefault(parts[depth], []).append(p)
     for d in sorted(dirs):
         if d.startswith(prefix) and d.count("/") == depth and d[len(prefix):] not in found:

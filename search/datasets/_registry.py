@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 
 from search.errors import DataError
 
-# (root, download, options) -> (train_x, train_y, test_x, test_y, classes[, skipped])
+# (root, download, options) -> (train_x, train_y, test_x, test_y, classes[, skipped[, skipped_line]])
 Loader = Callable[[Path | None, bool, dict], tuple]
 
 
@@ -45,6 +45,9 @@ class DatasetInfo:
         path_options: options holding paths; relative ones are taken under the data directory.
         stats: published per-channel (mean, std) in [0, 1] units, or None to compute them from
             the training split.
+        missing: `missing(options, root) -> str | None`: the first file the loader needs that
+            is not under `root` (as a path relative to it), None when all are there; checked
+            without reading any, so `create` can warn. None: the dataset reads no such files.
     """
 
     name: str
@@ -56,6 +59,7 @@ class DatasetInfo:
     uses_data_dir: bool = False
     path_options: tuple[str, ...] = ()
     stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    missing: Callable[[dict, Path | None], str | None] | None = None
 
 
 _DATASETS: dict[str, DatasetInfo] = {}
@@ -64,7 +68,8 @@ _DATASETS: dict[str, DatasetInfo] = {}
 def register_dataset(name: str, *, shape: Callable[[dict], tuple[int, int, int]],
                      classes: Callable[[dict, Path | None], int], options: Mapping[str, Any] | None = None,
                      check: Callable[[dict], dict] | None = None, uses_data_dir: bool = False,
-                     path_options: tuple[str, ...] = (), stats: tuple | None = None
+                     path_options: tuple[str, ...] = (), stats: tuple | None = None,
+                     missing: Callable[[dict, Path | None], str | None] | None = None
                      ) -> Callable[[Loader], Loader]:
     """Registers a dataset loader under `name`; the keyword arguments are `DatasetInfo`'s.
 
@@ -86,7 +91,7 @@ def register_dataset(name: str, *, shape: Callable[[dict], tuple[int, int, int]]
         if name in _DATASETS:
             raise ValueError(f"dataset {name!r} is already registered")
         _DATASETS[name] = DatasetInfo(name, load, shape, classes, dict(options or {}), check, uses_data_dir,
-                                      tuple(path_options), stats)
+                                      tuple(path_options), stats, missing)
         return load
 
     return decorator
