@@ -20,7 +20,8 @@ from search import config, space
 from search import study as study_mod
 from search.files import write_json
 from search.provenance import versions
-from search.storage import Store, mask_url, open_store
+from search.storage import Store, open_store
+from search.urls import mask_url
 
 EXPORT_FORMAT = "cnnsearch-export/1"
 

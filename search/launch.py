@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from search.errors import LaunchError
-from search.storage import storage_url
+from search.urls import storage_url
 
 
 def visible_gpus(gpus: str) -> list[str]:

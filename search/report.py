@@ -33,7 +33,8 @@ from search import config, space
 from search import objectives
 from search import study as study_mod
 from search.files import write_atomic
-from search.storage import Store, mask_url, open_store
+from search.storage import Store, open_store
+from search.urls import mask_url
 
 _CURVES_TOP, _CURVES_SAMPLE = 20, 30  # epoch curves: the best trials, plus a sample of the rest
 _IMPORTANCE_SAMPLE = 300  # fANOVA on more trials costs seconds and changes little

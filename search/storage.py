@@ -17,7 +17,6 @@ import json
 import math
 import os
 import random
-import stat
 import time
 import warnings
 from dataclasses import dataclass
@@ -31,7 +30,10 @@ from optuna.storages._rdb import models as rdb_models
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
-DEFAULT_URL = "sqlite:///cnnsearch.db"
+from search.errors import StorageError, StudyError, StudyGone
+from search.urls import (DEFAULT_URL, NO_STORAGE_HINT, STORAGE_FILE_ENV, Reconnect, connection_problem,  # noqa: F401
+                         mask_text, mask_url, read_storage_file, sqlite_path, storage_url)
+
 HEARTBEAT_INTERVAL = 10  # seconds between a running trial's heartbeats
 GRACE_PERIOD = 60  # a RUNNING trial silent this long belongs to a dead worker
 RETRIES = 1  # a trial cut off by a dead worker, a signal or a database outage runs again once
@@ -69,46 +71,7 @@ OPTIMIZE_LOGGER = "optuna.study._optimize"
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
-from search.errors import StorageError, StudyError, StudyGone
-
-STORAGE_FILE_ENV = "CNNSEARCH_STORAGE_FILE"  # a file (mode 0600) holding the URL, password and all
 UID_ATTR = "cnnsearch_uid"  # study user attr: a uuid set at create, so a re-created study is another one
-
-
-def storage_url(url: str | None = None) -> str:
-    """`--storage` -> $CNNSEARCH_STORAGE -> the file named by $CNNSEARCH_STORAGE_FILE -> a SQLite
-    file in the working directory. (The CLI's --storage reads $CNNSEARCH_STORAGE itself.)
-
-    Raises:
-        StorageError: the storage file is missing, empty, or readable by group or others.
-    """
-    if url or os.environ.get("CNNSEARCH_STORAGE"):
-        return url or os.environ["CNNSEARCH_STORAGE"]
-    path = os.environ.get(STORAGE_FILE_ENV)
-    return read_storage_file(path) if path else DEFAULT_URL
-
-
-def read_storage_file(path: str) -> str:
-    """The URL in `path`: one line (blank lines and # comments aside), in a file only its owner
-    can read or write, since the URL may hold a password. The contents never appear in an error."""
-    where = f"{STORAGE_FILE_ENV}={path}"
-    try:
-        info = os.stat(path)
-        if not stat.S_ISREG(info.st_mode):
-            raise StorageError(f"{where}: not a regular file")
-        if info.st_mode & 0o077:
-            raise StorageError(f"{where}: the file is open to group or others (mode "
-                               f"{stat.S_IMODE(info.st_mode):04o}) and may hold a password; chmod 600 {path}")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as exc:
-        raise StorageError(f"{where}: cannot read it ({exc.strerror or exc.__class__.__name__})") from None
-    except UnicodeDecodeError:
-        raise StorageError(f"{where}: not a text file") from None
-    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
-    if len(lines) != 1:
-        raise StorageError(f"{where}: expected one line with the storage URL, found {len(lines)}")
-    return lines[0]
 
 
 @dataclass(frozen=True)
@@ -157,14 +120,6 @@ def started_trial(study: optuna.Study) -> int | None:
     claimed by `ask`), or None: where `ask` failed after that (a sampler's `before_trial`),
     the only way to find the trial it left RUNNING."""
     return getattr(study._storage, "last_started", None)
-
-
-def mask_url(url: str) -> str:
-    """The URL with its password replaced by ***; unparsable URLs are not echoed whole."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except sqlalchemy.exc.ArgumentError:
-        return url.split("@")[-1] if "@" in url else url
 
 
 class _RDBStorage(optuna.storages.RDBStorage):
@@ -502,20 +457,6 @@ def _delete_study_rows(engine: sqlalchemy.Engine, study_id: int, attempts: int =
     raise StudyError(f"could not confirm that study {name!r} was deleted ({reason}); see `cnnsearch list`")
 
 
-def connection_problem(exc: BaseException) -> str | None:
-    """One line saying why the database cannot be reached, if that is what `exc` (or its cause,
-    e.g. the OperationalError inside Optuna's StorageInternalError) is about; else None."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)) or \
-                isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
-            text = str(getattr(exc, "orig", None) or exc).strip()
-            return text.splitlines()[0] if text else exc.__class__.__name__
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
 def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> int | None:
     """Queue `trial` again as a WAITING copy, as Optuna's stale-trial retry does (same params
     and attrs, `failed_trial` / `retry_history` system attrs; its stop reason stays with the
@@ -610,21 +551,7 @@ def open_storage(url: str | None = None, *, heartbeat_interval: int | None = HEA
         raise StorageError(f"cannot reach the storage at {where} ({shown}): {reason}") from None
 
 
-NO_STORAGE_HINT = "run cnnsearch create or run first, or pass --storage URL"
 REQUIRED_TABLES = ("studies", "version_info")  # Optuna's schema; RDBStorage fails without either
-
-
-def sqlite_path(parsed) -> str | None:
-    """The file a SQLite URL names, as an absolute path; None for an in-memory database."""
-    database = parsed.database or ""
-    if str(parsed.query.get("uri", "")).lower() in ("true", "1") and database.startswith("file:"):
-        if parsed.query.get("mode") == "memory":
-            return None
-        database = database[len("file:"):].split("?", 1)[0]
-        database = database[2:] if database.startswith("//") else database  # file:///abs/path
-    if database in ("", ":memory:"):
-        return None
-    return os.path.abspath(database)
 
 
 def _require_tables(url: str, parsed) -> None:
@@ -649,41 +576,6 @@ def _require_tables(url: str, parsed) -> None:
         engine.dispose()
     if not set(REQUIRED_TABLES) <= tables:
         raise StorageError(f"no cnnsearch tables in {where}; {NO_STORAGE_HINT}")
-
-
-def mask_text(text: str, url: str) -> str:
-    """`text` (a driver's error message, say) with the password of `url` replaced by ***."""
-    try:
-        password = make_url(url).password
-    except sqlalchemy.exc.ArgumentError:
-        return text
-    return text.replace(password, "***") if password else text
-
-
-class Reconnect:
-    """Waits 1, 2, 4, ... 16 s between attempts while the database is gone, and gives up with
-    one clear StorageError once `limit` seconds have passed since it went away."""
-
-    def __init__(self, url: str, limit: float):
-        self.url, self.limit = url, limit
-        self.since: float | None = None  # when the outage began (monotonic)
-        self.delay = 1.0
-
-    def waited(self) -> float:
-        return 0.0 if self.since is None else time.monotonic() - self.since
-
-    def wait(self, reason: str) -> None:
-        self.since = time.monotonic() if self.since is None else self.since
-        waited = self.waited()
-        if waited >= self.limit:
-            where = make_url(self.url).host or mask_url(self.url)
-            raise StorageError(f"lost the storage at {where} ({mask_url(self.url)}) for {waited:.0f} s, "
-                               f"giving up: {mask_text(reason, self.url)}")
-        time.sleep(min(self.delay, self.limit - waited))
-        self.delay = min(2 * self.delay, 16.0)
-
-    def ok(self) -> None:
-        self.since, self.delay = None, 1.0
 
 
 def count_trials(study: optuna.Study, states: tuple[str, ...], below: int | None = None,
