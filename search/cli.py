@@ -18,7 +18,7 @@ from rich.console import Console
 from typer.core import TyperCommand, TyperGroup, TyperOption
 
 import search
-from search.errors import CnnsearchError
+from search.errors import CnnsearchError, StudyGone
 
 
 def _plain_flags(params: list) -> list:
@@ -138,28 +138,51 @@ def train(
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
     full_train: Annotated[bool, typer.Option("--full-train", help="Train on train + validation.")] = False,
-    seeds: Annotated[int, typer.Option(min=1, help="Runs with seeds seed, seed+1, ...; test accuracy is "
-                                       "reported as mean ± std over them.")] = 1,
+    seeds: Annotated[Optional[int], typer.Option(min=1, help="Runs with seeds seed, seed+1, ...; test accuracy is "
+                                                 "reported as mean ± std over them (default 1).")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for model.pt, metrics.json, "
                                                     "curves.png (default runs/<config stem>-<time>).")] = None,
     onnx: Annotated[bool, typer.Option("--onnx", help="Also write model.onnx, checked against PyTorch "
                                        "(needs onnx and onnxruntime).")] = False,
     no_test: Annotated[bool, typer.Option("--no-test", help="Do not read the test split: compare finalists "
                                           "on validation, then test only the one chosen.")] = False,
+    checkpoint_every: Annotated[Optional[int], typer.Option(
+        min=0, help="Save <out>/checkpoint.pt every N epochs (default 1; 0: never); deleted when the run "
+        "has finished.")] = None,
+    resume: Annotated[Optional[Path], typer.Option(
+        "--resume", help="Continue the interrupted run in this folder from its checkpoint.pt, with its own "
+        "config and options (only --device, --threads, --data-dir, --checkpoint-every may be given).")] = None,
 ) -> None:
     """Train one configuration and report validation and test accuracy (the test set is read once, at the end)."""
     from search import config, datasets
     from search import final
 
     _set_threads(threads)
-    overrides = list(set_ or [])
-    overrides += [f"epochs={epochs}"] if epochs is not None else []
-    overrides += [f"device={device}"] if device else []
-    cfg = config.load(config_file, overrides)
+    saved = None
+    if resume is not None:
+        given = [name for name, value in (("CONFIG_FILE", config_file), ("--set", set_), ("--epochs", epochs),
+                                          ("--full-train", full_train), ("--seeds", seeds), ("--out", out_dir),
+                                          ("--onnx", onnx), ("--no-test", no_test)) if value]
+        if given:
+            raise CnnsearchError(f"--resume continues the run as it was saved: {', '.join(given)} cannot be given "
+                              "with it (only --device, --threads, --data-dir, --checkpoint-every)")
+        point = final.resume_point(resume)  # CheckpointError: none there, or unreadable
+        cfg, out_dir, saved = point.cfg, resume, point.saved
+        cfg = cfg.replace(device=device) if device else cfg
+        seeds, full_train, onnx, no_test = point.seeds, point.full_train, point.onnx, not point.test
+        checkpoint_every = point.checkpoint_every if checkpoint_every is None else checkpoint_every
+    else:
+        overrides = list(set_ or [])
+        overrides += [f"epochs={epochs}"] if epochs is not None else []
+        overrides += [f"device={device}"] if device else []
+        cfg = config.load(config_file, overrides)
+        seeds = seeds or 1
     chosen = datasets.choose_data_dir(data_dir, cfg.data_dir)  # --data-dir > $CNNSEARCH_DATA > the file's
     if chosen != cfg.data_dir:
         cfg = cfg.replace(data_dir=chosen)
     out_dir = out_dir or final.default_run_dir(config_file)
+    if resume is not None:
+        out.print(f"resuming {resume}: seed {point.seed}, {point.epoch} of {cfg.epochs} epochs done", markup=False)
     out.print(f"training {cfg.model} on {cfg.dataset} for {cfg.epochs} epochs "
               f"({cfg.optimizer}, lr {cfg.lr:g}, batch {cfg.batch_size}, device {cfg.device})"
               + (f", {seeds} seeds" if seeds > 1 else "") + (", on train + validation" if full_train else ""))
@@ -175,8 +198,9 @@ def train(
             out.print(f"seed {seed}")
         out.print(_epoch_line(epoch, cfg.epochs, m))
 
-    result = final.train_final(cfg, out_dir, seeds=seeds, full_train=full_train, onnx=onnx,
-                               test=not no_test, on_epoch=on_epoch)
+    result = final.train_final(cfg, out_dir, seeds=seeds, full_train=full_train, onnx=onnx, test=not no_test,
+                               on_epoch=on_epoch, resume=saved,
+                               checkpoint_every=1 if checkpoint_every is None else checkpoint_every)
     for run in result.runs:
         who = f"seed {run['seed']}: " if seeds > 1 else ""
         if run["stop_reason"] != "finished":
@@ -216,6 +240,10 @@ HeartbeatOpt = Annotated[Optional[int], typer.Option(
 GraceOpt = Annotated[Optional[int], typer.Option(
     min=1, envvar="CNNSEARCH_GRACE", help="Seconds without a heartbeat after which a running trial "
     "counts as dead: failed and retried once (default 60).")]
+ArtifactsOpt = Annotated[Optional[str], typer.Option(
+    "--artifacts", envvar="CNNSEARCH_ARTIFACTS", help="Directory (local or shared) for trial checkpoints, "
+    "saved every epoch so that a retried trial resumes (default: <db stem>-artifacts beside a SQLite "
+    "database; none for other storage; 'none': off).")]
 
 
 def _fmt_params(params: dict) -> str:
@@ -249,13 +277,15 @@ def _stops_on_signals(fn: Callable) -> Callable:
 @_stops_on_signals
 def _work(name: str, storage, device: str, quiet: bool, worker_index: Optional[int],
           threads: Optional[int], heartbeat: Optional[int] = None, grace: Optional[int] = None,
-          reconnect_for: Optional[float] = None, data_dir: Optional[str] = None) -> None:
+          reconnect_for: Optional[float] = None, data_dir: Optional[str] = None,
+          artifacts: Optional[str] = None) -> None:
     """One worker in this process, with progress bars (or plain lines when quiet); `data_dir`
     (--data-dir or $CNNSEARCH_DATA) overrides the stored spec's data_dir for this worker only."""
     import optuna
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from search import study as study_mod
+    from search.artifacts import open_artifacts
     from search.engine import resolve_device
     from search.storage import count_trials, open_store
     from search.worker import RECONNECT_FOR, claim_worker_index, run_worker, sampler_seed
@@ -266,12 +296,13 @@ def _work(name: str, storage, device: str, quiet: bool, worker_index: Optional[i
     beats = {k: v for k, v in (("heartbeat_interval", heartbeat), ("grace_period", grace)) if v}
     store = open_store(storage, create=False, **beats)  # `run` passes the Store it created
     study, spec = study_mod.load(name, store)
+    checkpoints = open_artifacts(store.url, artifacts)  # None: off
     worker_index = claim_worker_index(study, worker_index)  # None: the next one no worker has used
     seed = sampler_seed(spec, worker_index)
     out.print(f"worker for {name!r} on {store.shown}, device {device}, budget {spec.n_trials} trials; "
               f"worker index {worker_index}, sampler seed {'none' if seed is None else seed}")
     limit = RECONNECT_FOR if reconnect_for is None else reconnect_for
-    resilience = {"reconnect_for": limit,
+    resilience = {"reconnect_for": limit, "artifacts": checkpoints,
                   "on_outage": lambda why, waited: err.print(
                       f"storage unreachable ({why}); reconnecting, {waited:.0f}/{limit:.0f} s waited", markup=False)}
     if quiet:
@@ -357,6 +388,7 @@ def run(
     quiet: QuietOpt = False,
     data_dir: StudyDataDirOpt = None,
     threads: ThreadsOpt = None,
+    artifacts: ArtifactsOpt = None,
 ) -> None:
     """Create the study (if needed) and run one worker in this process: the quick start.
 
@@ -368,15 +400,13 @@ def run(
     from search import study as study_mod
     from search.storage import open_store
 
-    from search.errors import StudyGone
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created": the worker says it
     spec = spec_mod.load_spec(study_file, set_, data_dir=data_dir)
     store = open_store(storage)  # a worker's: heartbeat on
     for line in study_mod.create(spec, store, data_dir=data_dir).warnings:
         err.print(f"warning: {line}", markup=False)
     try:
-        _work(spec.name, store, device, quiet, None, threads, data_dir=data_dir)
+        _work(spec.name, store, device, quiet, None, threads, data_dir=data_dir, artifacts=artifacts)
     except StudyGone as exc:
         _stopping(exc)
 
@@ -401,14 +431,14 @@ def worker(
         min=0, envvar="CNNSEARCH_RECONNECT_FOR", help="Seconds to keep retrying a lost database "
         "before giving up (default 60).")] = None,
     data_dir: StudyDataDirOpt = None,
+    artifacts: ArtifactsOpt = None,
 ) -> None:
     """Pull trials of a study until its global budget is reached or its timeout passes."""
-    from search.errors import StudyGone
-
     try:
         if worker_index is None:
             worker_index = seed_offset
-        _work(name, storage, device, quiet, worker_index, threads, heartbeat, grace, reconnect_for, data_dir)
+        _work(name, storage, device, quiet, worker_index, threads, heartbeat, grace, reconnect_for, data_dir,
+              artifacts)
     except StudyGone as exc:
         _stopping(exc)
 

@@ -153,7 +153,7 @@ def _restore_rng(rng: dict, device: torch.device) -> None:
 
 
 # Where a run's files and device are, not what it computes: a run may continue with these changed.
-_PLACE_KEYS = ("device", "data_dir", "download")
+PLACE_KEYS = ("device", "data_dir", "download")
 
 
 @dataclass(eq=False)
@@ -232,10 +232,10 @@ class TrainState:
         """Continue a saved run in this freshly started state; sets the global torch RNGs at once.
 
         Raises:
-            CheckpointError: the saved run had other settings (`_PLACE_KEYS` aside) or another data split.
+            CheckpointError: the saved run had other settings (`PLACE_KEYS` aside) or another data split.
         """
         mine = to_dict(self.cfg)
-        differ = [k for k in mine if k not in _PLACE_KEYS and saved["cfg"].get(k) != mine[k]]
+        differ = [k for k in mine if k not in PLACE_KEYS and saved["cfg"].get(k) != mine[k]]
         differ += ["full_train"] if saved["full_train"] != self.full_train else []
         if differ:
             raise CheckpointError(f"the saved run is another run: {', '.join(differ)} differ")

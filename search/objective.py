@@ -20,6 +20,7 @@ import optuna
 
 import models
 from search import datasets, engine, space
+from search.artifacts import CheckpointStore, TrialCheckpoint
 from search.storage import connection_problem, count_trials, stored_trial
 
 EpochProgress = Callable[[int, int, dict], None]  # (trial number, epoch, metrics)
@@ -35,7 +36,8 @@ def _one_line(exc: BaseException) -> str:
 
 
 def make_objective(spec, *, device: str = "auto", on_epoch: EpochProgress | None = None,
-                   trial_attrs: dict | None = None) -> Callable[[optuna.Trial], float]:
+                   trial_attrs: dict | None = None,
+                   checkpoints: CheckpointStore | None = None) -> Callable[[optuna.Trial], float]:
     """The function a worker hands to `study.optimize`.
 
     Args:
@@ -44,13 +46,14 @@ def make_objective(spec, *, device: str = "auto", on_epoch: EpochProgress | None
         on_epoch: progress hook for the CLI, called after each reported epoch.
         trial_attrs: user attrs set on every trial before its parameters are drawn (the worker's
             worker_index and sampler_seed: what replays the draw).
+        checkpoints: where trials save their checkpoint after each epoch (`search.artifacts`);
+            a retry of a cut-off trial resumes from the original's last one. None: off.
     """
     goal = spec.objectives[0]
     metric = goal.name
 
-    def objective(trial: optuna.Trial) -> float:
+    def run_trial(trial: optuna.Trial, ckpt: TrialCheckpoint, replaced: list[int]) -> float:
         # A retry takes the slot of the trials it repeats, failed or about to be.
-        replaced = stored_trial(trial).system_attrs.get("retry_history", [])
         earlier = count_trials(trial.study, below=trial.number, excluding=replaced,
                                states=("COMPLETE", "PRUNED", "RUNNING", "WAITING"))
         if earlier >= spec.n_trials:
@@ -58,9 +61,11 @@ def make_objective(spec, *, device: str = "auto", on_epoch: EpochProgress | None
             raise OverBudget(f"study budget of {spec.n_trials} trials already taken")
         epoch_seconds: list[float] = []
 
-        def report(epoch: int, m: dict) -> None:
+        def report(epoch: int, m: dict, save: bool = True) -> None:
             epoch_seconds.append(round(m["seconds"], 3))
             trial.report(m[metric], epoch)
+            if save:  # what a retry resumes from; before on_epoch, where a deferred SIGTERM lands
+                ckpt.save()
             if on_epoch is not None:
                 on_epoch(trial.number, epoch, m)
             if trial.should_prune():
@@ -82,7 +87,21 @@ def make_objective(spec, *, device: str = "auto", on_epoch: EpochProgress | None
             dataset = datasets.dataset_for(cfg)
             n_params = models.count_parameters(models.build_model(cfg, dataset.in_shape, dataset.num_classes))
             trial.set_user_attr("n_params", n_params)
-            result = engine.fit(cfg, report, dataset=dataset)
+            ds = datasets.to_device(dataset, resolved)
+            state = engine.TrainState.start(cfg, ds, resolved)
+            saved = ckpt.saved_run(replaced)  # a retry: the cut-off original's last checkpoint
+            if saved is not None:
+                try:
+                    state.load_state_dict(saved["state"])
+                except Exception as exc:  # noqa: BLE001 - CheckpointError (another run's), or malformed
+                    ckpt.failed(exc)
+                    state = engine.TrainState.start(cfg, ds, resolved)  # load may have half-applied
+            if replaced and ckpt.store is not None:
+                trial.set_user_attr("resumed_from_epoch", state.epoch)
+            ckpt.state = state
+            for m in state.history:  # the epochs already done, to this trial once (pruner included)
+                report(m["epoch"], m, save=False)
+            result = engine.fit(cfg, report, dataset=dataset, state=state)
         except models.ModelConfigError as exc:
             # An architecture that cannot fit the input is a property of the space, not a crash.
             trial.set_user_attr("stop_reason", f"rejected: {exc}")
@@ -105,5 +124,20 @@ def make_objective(spec, *, device: str = "auto", on_epoch: EpochProgress | None
             raise optuna.TrialPruned(result.stop_reason)
         trial.set_user_attr("best_epoch", result.best_epoch)
         return goal.best_of(h[metric] for h in result.history)
+
+    def objective(trial: optuna.Trial) -> float:
+        stored = stored_trial(trial)
+        replaced = stored.system_attrs.get("retry_history", [])
+        ckpt = TrialCheckpoint(trial, checkpoints, stored.user_attrs, replaced[0] if replaced else None)
+        try:
+            value = run_trial(trial, ckpt, replaced)
+        except BaseException as exc:
+            cut_off = (isinstance(exc, (KeyboardInterrupt, optuna.exceptions.UpdateFinishedTrialError))
+                       or connection_problem(exc) is not None)
+            if not cut_off:  # over: pruned, rejected, crashed; a cut-off trial's retry resumes from it
+                ckpt.drop()
+            raise
+        ckpt.drop()
+        return value
 
     return objective

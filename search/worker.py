@@ -24,6 +24,7 @@ import optuna
 from optuna.trial import TrialState
 
 from search import datasets, space
+from search.artifacts import CheckpointStore, open_artifacts
 from search import spec as spec_mod
 from search import study as study_mod
 from search.engine import resolve_device
@@ -280,7 +281,7 @@ def run_worker(name: str, store: Store | str | None = None, *, device: str = "au
                on_epoch=None, heartbeat_interval: int | None = None,
                grace_period: int | None = None, reconnect_for: float = RECONNECT_FOR,
                on_outage: Callable[[str, float], None] | None = None,
-               data_dir: str | None = None) -> WorkerResult:
+               data_dir: str | None = None, artifacts: CheckpointStore | str | None = None) -> WorkerResult:
     """Run trials of study `name` until its budget is reached or its timeout passes.
 
     Args:
@@ -301,6 +302,9 @@ def run_worker(name: str, store: Store | str | None = None, *, device: str = "au
         data_dir: this machine's data directory (the worker's --data-dir); it, else
             $CNNSEARCH_DATA, overrides the stored spec's data.data_dir for this worker only
             (`spec.with_data_dir`); the stored spec is not changed.
+        artifacts: where trial checkpoints go: an opened CheckpointStore, or a directory (None:
+            $CNNSEARCH_ARTIFACTS, else `<db stem>-artifacts/` beside a SQLite file, else off;
+            `search.artifacts.artifact_dir`). A retried trial resumes from its last checkpoint.
 
     Raises:
         KeyboardInterrupt: on SIGINT/SIGTERM, after the running trial is marked failed (stop
@@ -321,13 +325,16 @@ def run_worker(name: str, store: Store | str | None = None, *, device: str = "au
     study, spec = study_mod.load(name, store)
     spec = spec_mod.with_data_dir(spec, data_dir)  # the data is this machine's, not the study's
     _preflight(spec)
+    if not isinstance(artifacts, CheckpointStore):
+        artifacts = open_artifacts(url, artifacts)
     watch_study(study)
     index = claim_worker_index(study, seed_offset if worker_index is None else worker_index)
     seed = sampler_seed(spec, index)
     study.sampler = spec_mod.make_sampler(spec, seed_offset=index)
     study.pruner = spec_mod.make_pruner(spec)
     objective = _guarded(make_objective(spec, device=device, on_epoch=_checking(on_epoch),
-                                        trial_attrs={"worker_index": index, "sampler_seed": seed}))
+                                        trial_attrs={"worker_index": index, "sampler_seed": seed},
+                                        checkpoints=artifacts))
     deadline = _deadline(study, spec.timeout)
     crashes: list[str] = []
     reconnect = Reconnect(url, reconnect_for)

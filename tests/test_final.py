@@ -122,3 +122,106 @@ def test_the_noise_line_follows_the_test_set_size_and_model_pt_names_its_seed(wo
     assert metrics["model_seed"] == best and f"model.pt holds seed {best}'s model" in result.stdout
     saved = torch.load(folder / "two" / "model.pt", weights_only=True)
     assert saved["config"]["seed"] == best
+
+
+# --- checkpoints and --resume ------------------------------------------------------------------
+
+class _Stop(KeyboardInterrupt):
+    """What Ctrl-C would raise: the on_epoch hook raises it to stop a run after a given epoch."""
+
+
+def _stop_after(seed_to_stop: int, epochs_done: int):
+    def hook(seed, epoch, metrics):
+        if seed == seed_to_stop and epoch + 1 == epochs_done:
+            raise _Stop()
+    return hook
+
+
+def _resume_cfg(tmp_path):
+    cfg = config.RunConfig(dataset="digits", epochs=3, batch_size=64, subset=256, device="cpu", seed=5)
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(config.to_dict(cfg)))
+    return cfg, path
+
+
+def _weights(run_dir):
+    return torch.load(run_dir / "model.pt", weights_only=True)["state_dict"]
+
+
+def _assert_same_result(a, b):
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    timing = {"seconds", "train_seconds", "samples_per_s"}
+    for ra, rb in zip(ma["runs"], mb["runs"], strict=True):
+        assert ra["test_acc"] == rb["test_acc"] and ra["seed"] == rb["seed"]
+        assert [{k: v for k, v in h.items() if k not in timing} for h in ra["history"]] == \
+               [{k: v for k, v in h.items() if k not in timing} for h in rb["history"]]
+    assert ma["model_seed"] == mb["model_seed"] and ma["test_acc_mean"] == mb["test_acc_mean"]
+
+
+def test_train_stopped_after_an_epoch_resumes_to_the_same_weights(tmp_path):
+    from search import final
+
+    cfg, path = _resume_cfg(tmp_path)
+    assert invoke("train", path, "--out", tmp_path / "ref").exit_code == 0
+    assert not (tmp_path / "ref" / "checkpoint.pt").exists()  # removed after success
+    with pytest.raises(_Stop):
+        final.train_final(cfg, tmp_path / "cut", on_epoch=_stop_after(5, 2))
+    assert (tmp_path / "cut" / "checkpoint.pt").exists() and not (tmp_path / "cut" / "model.pt").exists()
+    result = invoke("train", "--resume", tmp_path / "cut", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "2 of 3 epochs done" in result.stdout
+    assert "epoch   3/3" in result.stdout and "epoch   2/3" not in result.stdout  # one more epoch only
+    assert not (tmp_path / "cut" / "checkpoint.pt").exists()
+    _assert_same_result(tmp_path / "ref", tmp_path / "cut")
+
+
+def test_two_seeds_stopped_in_the_second_keep_the_first_and_skip_it(tmp_path):
+    from search import final
+
+    cfg, path = _resume_cfg(tmp_path)
+    assert invoke("train", path, "--seeds", 2, "--out", tmp_path / "ref").exit_code == 0
+    with pytest.raises(_Stop):
+        final.train_final(cfg, tmp_path / "cut", seeds=2, on_epoch=_stop_after(6, 1))
+    point = final.resume_point(tmp_path / "cut")
+    assert (point.seed, point.epoch, point.seeds) == (6, 1, 2) and [r["seed"] for r in point.saved["runs"]] == [5]
+    first = point.saved["runs"][0]
+    result = invoke("train", "--resume", tmp_path / "cut")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert "seed 5" not in lines and [ln[:11] for ln in lines if ln.startswith("epoch")] == ["epoch   2/3",
+                                                                                         "epoch   3/3"]
+    metrics = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert metrics["runs"][0] == first  # seed 5's result as it was recorded before the stop
+    _assert_same_result(tmp_path / "ref", tmp_path / "cut")
+
+
+def test_resume_refusals_are_one_line(tmp_path):
+    from search import final
+
+    cfg, path = _resume_cfg(tmp_path)
+    assert_one_line_error(invoke("train", "--resume", tmp_path), "no checkpoint.pt there")
+    with pytest.raises(_Stop):
+        final.train_final(cfg, tmp_path / "cut", on_epoch=_stop_after(5, 1))
+    assert_one_line_error(invoke("train", "--resume", tmp_path / "cut", "--epochs", 5),
+                          "--epochs cannot be given with it")
+    assert_one_line_error(invoke("train", path, "--resume", tmp_path / "cut", "--seeds", 2),
+                          "CONFIG_FILE, --seeds cannot be given")
+    # a fresh run into a folder holding an unfinished one does not overwrite its checkpoint
+    assert_one_line_error(invoke("train", path, "--out", tmp_path / "cut"), "train --resume")
+    ckpt = tmp_path / "cut" / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])  # truncated, e.g. by a copy that ran out of disk
+    assert_one_line_error(invoke("train", "--resume", tmp_path / "cut"), "not a readable cnnsearch training checkpoint")
+
+
+def test_checkpoint_every_0_saves_none(tmp_path):
+    from search import final
+
+    cfg, _ = _resume_cfg(tmp_path)
+    with pytest.raises(_Stop):
+        final.train_final(cfg, tmp_path / "cut", checkpoint_every=0, on_epoch=_stop_after(5, 2))
+    assert not (tmp_path / "cut" / "checkpoint.pt").exists()
+    with pytest.raises(_Stop):
+        final.train_final(cfg, tmp_path / "two", checkpoint_every=2, on_epoch=_stop_after(5, 1))
+    assert not (tmp_path / "two" / "checkpoint.pt").exists()
