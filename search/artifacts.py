@@ -34,7 +34,7 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from sqlalchemy.engine import make_url
 
 from search import checkpoints
-from search.errors import CheckpointError, CnnsearchError
+from search.errors import CheckpointError, CnnsearchError, first_line
 from search.urls import sqlite_path
 
 ARTIFACTS_ENV = "CNNSEARCH_ARTIFACTS"
@@ -126,11 +126,6 @@ def open_artifacts(url: str, given: str | os.PathLike | None = None) -> Checkpoi
     return None if where is None else CheckpointStore(where)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{exc.__class__.__name__}: {text[0]}" if text else exc.__class__.__name__
-
-
 class TrialCheckpoint:
     """One trial's latest checkpoint; with no store (checkpoints off) every method does nothing.
 
@@ -161,7 +156,7 @@ class TrialCheckpoint:
 
     def failed(self, exc: BaseException) -> None:
         """The saved run cannot be resumed: say so on the trial; it trains from scratch."""
-        self.trial.set_user_attr("resume_error", f"{_one_line(exc)}; trained from scratch")
+        self.trial.set_user_attr("resume_error", f"{first_line(exc, with_type=True)}; trained from scratch")
 
     def save(self) -> None:
         """Save `state` as the trial's checkpoint, then remove the previous one. A checkpoint that
@@ -173,7 +168,7 @@ class TrialCheckpoint:
         except OSError as exc:
             if not self._warned:
                 self._warned = True
-                self.trial.set_user_attr("checkpoint_error", f"not saved in {self.store.where}: {_one_line(exc)}")
+                self.trial.set_user_attr("checkpoint_error", f"not saved in {self.store.where}: {first_line(exc, with_type=True)}")
             return
         try:
             self.trial.set_user_attr(CHECKPOINT_ATTR, new)

@@ -31,7 +31,7 @@ from types import SimpleNamespace
 from typing import Any, Mapping
 
 from . import config
-from .errors import DataError, SpecError
+from .errors import DataError, SpecError, first_line
 from .space import apply_params, corner_pairs, corner_params, corner_values, fill_params, same, split_target
 
 MAX_PARAMS = 50_000_000  # study.max_params default: trainable parameters of one model
@@ -114,7 +114,7 @@ def footprint(cfg: Any, in_shape: tuple[int, int, int], num_classes: int) -> Foo
     except models.ModelConfigError:
         raise
     except Exception as err:  # noqa: BLE001 - a builder fed odd params (e.g. 2**63 channels) is still the params' fault
-        raise models.ModelConfigError(f"{cfg.model}: cannot build it ({_one_line(err)})") from None
+        raise models.ModelConfigError(f"{cfg.model}: cannot build it ({first_line(err)})") from None
     params = models.count_parameters(model)
     outputs = []
 
@@ -148,7 +148,7 @@ def footprint(cfg: Any, in_shape: tuple[int, int, int], num_classes: int) -> Foo
         raise
     except Exception as err:  # noqa: BLE001 - a layer that rejects the shape: the model does not fit the data
         raise models.ModelConfigError(f"{cfg.model}: a batch of {batch}x{'x'.join(map(str, in_shape))} does not go "
-                                      f"through it ({_one_line(err)})") from None
+                                      f"through it ({first_line(err)})") from None
     pixels = batch * in_shape[0] * in_shape[1] * in_shape[2]
     pad = getattr(cfg, "crop_padding", 0) or 0
     padded = batch * in_shape[0] * (in_shape[1] + 2 * pad) * (in_shape[2] + 2 * pad) if pad else 0
@@ -277,7 +277,7 @@ def check_spec(spec: Any) -> Checked:
         try:
             size = measure(cfg)
         except models.ModelConfigError as err:
-            raise SpecError(f"enqueue[{i}]: {_one_line(err)}") from None
+            raise SpecError(f"enqueue[{i}]: {first_line(err)}") from None
         over = _over(size, cfg, spec)
         if over:
             raise SpecError(f"enqueue[{i}]: this configuration {over}")
@@ -298,7 +298,7 @@ def _describe(data: Mapping[str, Any]) -> tuple[tuple[int, int, int], int]:
     try:
         return datasets.describe(name, options, data.get("data_dir"))
     except DataError as err:
-        message = _one_line(err)
+        message = first_line(err)
         if message.startswith("options"):  # "options.n: ..." / "options: unknown key ..."
             raise SpecError(f"data.data_{message}") from None
         where = "data.data_options.path" if "path" in options else "data.data_options"
@@ -315,7 +315,7 @@ def _check_fixed(spec: Any, base: Mapping[str, Any], measure) -> None:
     try:
         size = measure(cfg)
     except models.ModelConfigError as err:
-        message = _one_line(err)
+        message = first_line(err)
         m = _BUILDER_KEY.match(message)
         key = m and (m["unknown"] or m["key"])
         where = (f"fixed.model_params.{key}" if key and key in model_params
@@ -418,11 +418,6 @@ def _blame_model(message: str, spec: Any, params: Mapping[str, Any], corner: Any
     if culprit is None:
         return f"fixed.model_params: {message}"
     return f"space.{culprit.name}: {params[culprit.name]!r} makes an invalid model ({message})"
-
-
-def _one_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else err.__class__.__name__
 
 
 def data_here(data: Mapping[str, Any]) -> tuple[tuple[str, ...] | None, tuple[str, ...]]:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from search.errors import CheckpointError
+from search.errors import CheckpointError, first_line
 from search.files import write_atomic
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ def _load(source, name: str) -> dict:
         doc = torch.load(source, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile, IndexError,
             KeyError, AttributeError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise CheckpointError(f"{name}: not a readable cnnsearch training checkpoint (truncated or "
                               f"another kind of file: {first[:120]})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("state"), dict):

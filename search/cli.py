@@ -18,7 +18,7 @@ from rich.console import Console
 from typer.core import TyperCommand, TyperGroup, TyperOption
 
 import search
-from search.errors import CnnsearchError, StudyGone
+from search.errors import CnnsearchError, StudyGone, first_line
 
 
 def _plain_flags(params: list) -> list:
@@ -70,8 +70,7 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except CnnsearchError as exc:
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-            err.print(f"error: {message}", markup=False, soft_wrap=True)
+            err.print(f"error: {first_line(exc)}", markup=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("interrupted", markup=False)

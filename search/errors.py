@@ -67,3 +67,13 @@ class LaunchError(CnnsearchError):
 
 class DashboardError(CnnsearchError):
     """The dashboard cannot listen where asked."""
+
+
+def first_line(exc: BaseException, *, with_type: bool = False) -> str:
+    """The first line of `exc`'s message (its class name when it has none), for a one-line
+    report; `with_type` prefixes the class name (`RuntimeError: CUDA out of memory.`), as trial
+    attributes record a crash."""
+    lines = str(exc).strip().splitlines()
+    if not lines:
+        return exc.__class__.__name__
+    return f"{exc.__class__.__name__}: {lines[0]}" if with_type else lines[0]

@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 import models
 from search import config, datasets, engine
 from search.augment import Normalizer
-from search.errors import CheckpointError, ExportError
+from search.errors import CheckpointError, ExportError, first_line
 from search.files import write_atomic
 
 MODEL_FILE_FORMAT = "cnnsearch-checkpoint/1"  # the value stays: model.pt files in the wild carry it
@@ -106,8 +106,7 @@ def load_model_file(path: str | Path, device: str = "cpu") -> ModelFile:
         model = models.build_model(cfg, in_shape, len(raw["classes"]))
         model.load_state_dict(raw["state_dict"])
     except (RuntimeError, TypeError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise CheckpointError(f"{path}: checkpoint does not match its model ({reason})") from None
+        raise CheckpointError(f"{path}: checkpoint does not match its model ({first_line(exc)})") from None
     return ModelFile(model.to(engine.resolve_device(device)).eval(), cfg, [str(c) for c in raw["classes"]],
                      in_shape, tuple(raw["mean"]), tuple(raw["std"]))
 

@@ -21,6 +21,7 @@ import optuna
 import models
 from search import datasets, engine, space
 from search.artifacts import CheckpointStore, TrialCheckpoint
+from search.errors import first_line
 from search.storage import connection_problem, count_trials, stored_trial
 
 EpochProgress = Callable[[int, int, dict], None]  # (trial number, epoch, metrics)
@@ -28,11 +29,6 @@ EpochProgress = Callable[[int, int, dict], None]  # (trial number, epoch, metric
 
 class OverBudget(Exception):
     """Another worker took the study's last trial slot at the same moment."""
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{exc.__class__.__name__}: {text[0]}" if text else exc.__class__.__name__
 
 
 def make_objective(spec, *, device: str = "auto", on_epoch: EpochProgress | None = None,
@@ -112,7 +108,7 @@ def make_objective(spec, *, device: str = "auto", on_epoch: EpochProgress | None
             if connection_problem(exc) or isinstance(exc, optuna.exceptions.UpdateFinishedTrialError):
                 raise  # the database, or another worker's stale check, not the trial: the worker settles it
             trial.set_user_attr("stop_reason", "crashed")
-            trial.set_user_attr("error", _one_line(exc))
+            trial.set_user_attr("error", first_line(exc, with_type=True))
             raise
         trial.set_user_attr("epoch_seconds", epoch_seconds)
         trial.set_user_attr("train_seconds", round(time.perf_counter() - started, 3))

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 import optuna
 
 from . import check, config
-from .errors import SpecError
+from .errors import SpecError, first_line
 from .objectives import Objective, objective
 from .config import DATA_FIELDS
 from .space import (Param, SpaceError, apply_params, check_space, contains, corner_params, fill_params, is_active,
@@ -392,14 +392,8 @@ def _class_spec(doc: Mapping[str, Any], section: str, module: Any, base: type, d
             warnings.simplefilter("ignore")  # experimental-feature warnings; the worker shows them
             cls(**kwargs)
     except Exception as err:  # noqa: BLE001 - any constructor complaint is a bad kwargs table
-        first = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
-        raise _Invalid(f"{section}.kwargs: {name} rejects them ({first})") from None
+        raise _Invalid(f"{section}.kwargs: {name} rejects them ({first_line(err)})") from None
     return ClassSpec(name=name, kwargs=dict(kwargs))
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{err.__class__.__name__}: {text.splitlines()[0]}" if text else err.__class__.__name__
 
 
 class _NamedTrial:
@@ -452,6 +446,6 @@ def _check_sampling(spec: StudySpec) -> None:
     except Exception as err:  # noqa: BLE001 - whatever the sampler or pruner raises is this spec's fault
         if step == "sampling":
             step = f"{where}: {sampler.name} cannot sample space.{trial.suggesting}"
-        raise _Invalid(f"{step} ({_first_line(err)})") from None
+        raise _Invalid(f"{step} ({first_line(err, with_type=True)})") from None
     finally:
         optuna.logging.set_verbosity(verbosity)

@@ -28,8 +28,8 @@ from search.artifacts import CheckpointStore, open_artifacts
 from search import spec as spec_mod
 from search import study as study_mod
 from search.engine import resolve_device
-from search.errors import StudyGone, TrialsCrashed
-from search.objective import OverBudget, _one_line, make_objective
+from search.errors import StudyGone, TrialsCrashed, first_line
+from search.objective import OverBudget, make_objective
 from search.storage import (OPTIMIZE_LOGGER, Reconnect, Store, check_study, claim_numbered_attr, connection_problem,
                             count_trials,
                             mask_text, open_store, requeue, started_trial, storage_of, stored_trial, trial_id,
@@ -122,7 +122,7 @@ class _OverBudgetLog(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         number = re.match(r"Trial (\d+) failed with", str(record.msg))
         if isinstance(exc, Exception) and number:
-            why = f"not run: {exc}" if isinstance(exc, OverBudget) else f"crashed: {_one_line(exc)}"
+            why = f"not run: {exc}" if isinstance(exc, OverBudget) else f"crashed: {first_line(exc, with_type=True)}"
             self.numbers.add(number.group(1))
             record.msg, record.args, record.exc_info, record.exc_text = (
                 f"Trial {number.group(1)} {why}", (), None, None)
@@ -368,7 +368,7 @@ def run_worker(name: str, store: Store | str | None = None, *, device: str = "au
             raise exc  # a signal, the database, a deleted study; or on_trial's own error (a bug)
         if isinstance(exc, optuna.exceptions.UpdateFinishedTrialError):
             return  # failed as stale by another worker while being told: taken over, not a crash
-        error, storage, trial = _one_line(exc), storage_of(study), None
+        error, storage, trial = first_line(exc, with_type=True), storage_of(study), None
         if number is not None:
             if storage.get_trial(number).state == TrialState.RUNNING:
                 storage.set_trial_user_attr(number, "stop_reason", "crashed")
