@@ -33,7 +33,6 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.artifacts.exceptions import ArtifactNotFound
 from sqlalchemy.engine import make_url
 
-from search import checkpoints
 from search.errors import CheckpointError, CnnsearchError, first_line
 from search.urls import sqlite_path
 
@@ -84,6 +83,8 @@ class CheckpointStore:
     def save(self, state, extra: dict | None = None, prefix: str = "") -> str:
         """Write the checkpoint of `state` as a new artifact named `<prefix><uuid>.pt`; its id.
         OSError: not written."""
+        from search import checkpoints  # torch: only for a command that trains
+
         artifact_id = f"{prefix}{uuid.uuid4()}.pt"
         data = checkpoints.state_bytes(state, extra)
         try:
@@ -106,6 +107,8 @@ class CheckpointStore:
             raise CheckpointError(f"{source} ({artifact_id}) is not in the artifact directory {self.where}") from None
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{source} ({artifact_id}): cannot read it ({exc})") from None
+        from search import checkpoints
+
         return checkpoints.state_from_bytes(data, source)
 
     def remove(self, artifact_id: str) -> None:
@@ -118,6 +121,41 @@ class CheckpointStore:
         including one a worker killed between saving a new checkpoint and removing the old left."""
         for path in self.where.glob(f"{prefix}*.pt"):
             self.remove(path.name)
+
+    def put_bytes(self, data: bytes, name: str) -> str:
+        """Store `data` as the artifact `name` (a failed write leaves nothing); its id."""
+        try:
+            self.store.write(name, io.BytesIO(data))
+        except BaseException:
+            self.remove(name)
+            raise
+        return name
+
+    def get_bytes(self, artifact_id: str, source: str) -> bytes:
+        """The bytes of `artifact_id`. CheckpointError: gone or unreadable (one line)."""
+        try:
+            with self.store.open_reader(artifact_id) as reader:
+                return reader.read()
+        except ArtifactNotFound:
+            raise CheckpointError(f"{source} ({artifact_id}) is not in the artifact directory {self.where}") from None
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{source} ({artifact_id}): cannot read it ({exc})") from None
+
+    def usage(self, prefix: str = "") -> tuple[int, int]:
+        """(artifacts, bytes) of the artifacts whose id starts with `prefix`."""
+        sizes = [p.stat().st_size for p in self.where.glob(f"{prefix}*") if p.is_file()]
+        return len(sizes), sum(sizes)
+
+    @property
+    def shown(self) -> str:
+        return str(self.where)
+
+
+def artifact_store_if_any(url: str, given: str | os.PathLike | None = None) -> CheckpointStore | None:
+    """The artifact store of `url` for a command that only reads it (status, export --model):
+    None when off or when its directory does not exist (nothing is created)."""
+    where = artifact_dir(url, given)
+    return CheckpointStore(where) if where is not None and where.is_dir() else None
 
 
 def open_artifacts(url: str, given: str | os.PathLike | None = None) -> CheckpointStore | None:

@@ -255,7 +255,23 @@ def _trial_line(study, trial) -> str:
     done = count_trials(study, ("COMPLETE", "PRUNED"))
     value = f"{trial.value:.4f}" if trial.value is not None else "-"
     why = trial.user_attrs.get("error") or trial.user_attrs.get("stop_reason", "")
+    job = _job_name(trial.user_attrs)
+    if job:  # a final-stage job (search/finalstage.py)
+        test = trial.user_attrs.get("test_acc")
+        tested = f", test acc {test:.2%}" if test is not None else ""
+        return f"final {job} {trial.state.name.lower():<8} val {value}{tested}  {why}"
     return f"trial {trial.number:>4} {trial.state.name.lower():<8} value {value}  {why}  [{done} finished]"
+
+
+def _job_name(attrs: dict) -> str:
+    """'finalist 2 (search trial 8)', 'seed 1 of trial 8', or '' for a search trial."""
+    role, source = attrs.get("role"), attrs.get("source_trial")
+    of = f"trial {source}" if source is not None else "the start"
+    if role == "finalist":
+        return f"finalist ({of}{', the start' if attrs.get('baseline') and source is not None else ''})"
+    if role == "seed":
+        return f"seed {attrs.get('seed_index', 0)} of {of}"
+    return ""
 
 
 def _stops_on_signals(fn: Callable) -> Callable:
@@ -301,7 +317,8 @@ def _work(name: str, storage, device: str, quiet: bool, worker_index: Optional[i
     out.print(f"worker for {name!r} on {store.shown}, device {device}, budget {spec.n_trials} trials; "
               f"worker index {worker_index}, sampler seed {'none' if seed is None else seed}")
     limit = RECONNECT_FOR if reconnect_for is None else reconnect_for
-    resilience = {"reconnect_for": limit, "artifacts": checkpoints,
+    resilience = {"reconnect_for": limit,  # "none" stays off: None would mean the default store again
+                  "artifacts": checkpoints if checkpoints is not None else (artifacts or "none"),
                   "on_outage": lambda why, waited: err.print(
                       f"storage unreachable ({why}); reconnecting, {waited:.0f}/{limit:.0f} s waited", markup=False)}
     if quiet:
@@ -340,9 +357,24 @@ def _print_best(info: dict) -> None:
     best = info["best"]
     if best is None:
         out.print("no finished trial yet")
+    else:
+        out.print(f"best trial {best['number']}: {info['spec'].metric} {best['value']:.4f}")
+        out.print(f"  params: {_fmt_params(best['params'])}", markup=False)
+    _print_final(info.get("final"))
+
+
+def _print_final(final: Optional[dict]) -> None:
+    """The final stage's line (search/finalstage.py), with its notes; nothing without one."""
+    from search.finalstage import summary_line
+
+    if final is None:
         return
-    out.print(f"best trial {best['number']}: {info['spec'].metric} {best['value']:.4f}")
-    out.print(f"  params: {_fmt_params(best['params'])}", markup=False)
+    out.print(summary_line(final), markup=False)
+    for note in final["notes"]:
+        out.print(f"  note: {note}", markup=False)
+    if final["done"] and final["model"]:
+        out.print(f"  the final model: cnnsearch export {final['study'][:-len('.final')]} --model final.pt",
+                  markup=False)
 
 
 @app.command()
@@ -374,7 +406,13 @@ def create(
         err.print(f"warning: {line}", markup=False)
     verb = "created" if made.created else "already exists (same spec)"
     out.print(f"study {spec.name!r} {verb} in {store.shown}: budget {spec.n_trials} "
-              f"trials, {len(spec.space)} parameters, {len(spec.enqueue)} enqueued")
+              f"trials, {len(spec.space)} parameters, {len(spec.enqueue)} enqueued", markup=False)
+    if spec.final is not None:
+        f = spec.final
+        epochs = f.epochs or spec.fixed.get("epochs", "the trials'")
+        out.print(f"  then the final stage: {f.finalists} finalists{' and the start' if f.baseline and spec.enqueue else ''}"
+                  f" for {epochs} epochs"
+                  f"{' on all training images' if f.full_data else ''}, the best over {f.seeds} seeds", markup=False)
 
 
 @app.command()
@@ -478,11 +516,14 @@ def launch(
 
 @app.command()
 @user_errors
-def status(name: Annotated[str, typer.Argument(help="Study name.")], storage: StorageOpt = None) -> None:
-    """Trials by state, the best so far, and what is running where."""
+def status(name: Annotated[str, typer.Argument(help="Study name.")], storage: StorageOpt = None,
+           artifacts: ArtifactsOpt = None) -> None:
+    """Trials by state, the best so far, the final stage, what is running where, and disk use."""
     from search import study as study_mod
+    from search.storage import open_store
 
-    info = study_mod.summary(name, storage)
+    store = open_store(storage, heartbeat_interval=None, create=False)
+    info = study_mod.summary(name, store)
     counts = ", ".join(f"{k.lower()} {v}" for k, v in sorted(info["counts"].items())) or "no trials"
     out.print(f"study {name}: {info['finished']}/{info['budget']} finished ({counts})")
     _print_best(info)
@@ -493,6 +534,25 @@ def status(name: Annotated[str, typer.Argument(help="Study name.")], storage: St
         worker = f", worker {index} (sampler seed {'none' if seed is None else seed})" if index is not None else ""
         out.print(f"  running: trial {r['number']} on {r['host']} {r['device']}{worker}, {age} old, "
                   f"{r['epochs']} epochs reported", markup=False)
+    final = info["final"]
+    for r in final["finalists"] + final["seeds"] if final else []:
+        if r["state"] == "RUNNING":
+            out.print(f"  running: final {_job_name(r)} on {r['host']} {r['device']}, "
+                      f"{len(r['history'])} epochs done of {r['epochs']}", markup=False)
+    _print_disk_use(name, store.url, artifacts)
+
+
+def _print_disk_use(name: str, url: str, artifacts: Optional[str]) -> None:
+    """The study's files in the artifact store: trial checkpoints and final-stage model files."""
+    from search.artifacts import artifact_store_if_any
+    from search.finalstage import child_name
+
+    store = artifact_store_if_any(url, artifacts)
+    if store is None:
+        return
+    count, size = (sum(x) for x in zip(store.usage(f"{name}-"), store.usage(f"{child_name(name)}-")))
+    out.print(f"artifacts: {count} file{'s' if count != 1 else ''}, {size / 2**20:.1f} MiB in {store.shown}",
+              markup=False)
 
 
 @app.command("list")
@@ -514,14 +574,17 @@ def list_(storage: StorageOpt = None) -> None:
 def best(name: Annotated[str, typer.Argument(help="Study name.")], storage: StorageOpt = None) -> None:
     """The best trial's value, parameters and attributes."""
     from search import study as study_mod
+    from search.storage import open_store
 
-    _, spec, trial = study_mod.best_trial(name, storage)
+    store = open_store(storage, heartbeat_interval=None, create=False)
+    _, spec, trial = study_mod.best_trial(name, store)
     out.print(f"best trial {trial.number}: {spec.metric} {trial.value:.4f}")
     for key, value in trial.params.items():
         out.print(f"  {key} = {value!r}", markup=False)
     for key in ("n_params", "stop_reason", "device", "host", "epoch_seconds"):
         if key in trial.user_attrs:
             out.print(f"  [{key}] {trial.user_attrs[key]}", markup=False)
+    _print_final(study_mod.summary(name, store)["final"])
 
 
 @app.command()
@@ -555,20 +618,44 @@ def export_(
     output: Annotated[Path, typer.Option("--output", "-o", help="The file to write.")] = Path("best.json"),
     trial: Annotated[Optional[int], typer.Option(help="Export this completed trial instead of the best.")] = None,
     rank: Annotated[int, typer.Option(min=1, help="Export the N-th best completed trial (finalists).")] = 1,
+    model: Annotated[Optional[Path], typer.Option("--model", help="Also write the final stage's model "
+                                                  "(a model.pt for `cnnsearch predict`) to this file.")] = None,
     storage: StorageOpt = None,
+    artifacts: ArtifactsOpt = None,
 ) -> None:
-    """Write the best trial's config as a self-contained file that `cnnsearch train` accepts."""
+    """Write the best config (the final stage's chosen one, at the final budget, once it has one) as a
+    self-contained file that `cnnsearch train` accepts; with --model, the final model too."""
     from search import export as export_mod
+    from search.storage import open_store
 
     if trial is not None and rank != 1:
         raise UserError("give --trial or --rank, not both")
+    if model is not None and (trial is not None or rank != 1):
+        raise UserError("--model writes the final stage's model; it does not go with --trial or --rank")
+    storage = open_store(storage, heartbeat_interval=None, create=False)  # once, for both files
+    if model is not None:  # first: nothing is written when the model cannot be
+        final = export_mod.export_model(name, model, storage, artifacts)
+        out.print(f"wrote {model}: the final model of study {name!r} "
+                  f"({_final_short(final)}); classify with: cnnsearch predict {model} IMAGE...", markup=False)
     doc = export_mod.export_best(name, output, storage, trial, rank)
     prov = doc["provenance"]
+    if "final" in prov:
+        out.print(f"wrote {output}: study {name!r}, the final stage's chosen config (search trial {prov['trial']}) "
+                  f"at the final budget, {doc['config']['epochs']} epochs; {_final_short(prov['final'])}", markup=False)
+        out.print(f"  params: {_fmt_params(prov['params'])}", markup=False)
+        return
     out.print(f"wrote {output}: study {name!r} trial {prov['trial']}, {prov['metric']} {prov['value']:.4f}", markup=False)
     out.print(f"  params: {_fmt_params(prov['params'])}", markup=False)
     carried, final_command = export_mod.search_budget(doc, output)
     out.print(f"  {carried} (cnnsearch train {output} alone repeats them)", markup=False)
     out.print(f"next, the final model for N epochs: {final_command}", markup=False)
+
+
+def _final_short(final: dict) -> str:
+    if final.get("test_mean") is None:
+        return "not tested yet"
+    std = f" ± {final['test_std']:.2%}" if final.get("test_std") is not None else ""
+    return f"final test acc {final['test_mean']:.2%}{std}"
 
 
 @app.command()

@@ -16,8 +16,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from search import config, space
+from search import config, finalstage, space
 from search import study as study_mod
+from search.errors import ExportError
 from search.files import write_json
 from search.provenance import versions
 from search.storage import Store, open_store
@@ -64,11 +65,55 @@ def export_best(name: str, path: str | Path, store: Store | str | None = None, n
                 rank: int = 1) -> dict:
     """Write the best (the `rank`-th best, or trial `number`'s) config of study `name` to `path`.
 
+    A study whose final stage has chosen its config (search/finalstage.py) exports that one, at
+    the final budget, with the final results under provenance["final"]; `number` or a `rank`
+    other than 1 still exports that search trial.
+
     Raises:
         search.study.StudyError: no such study, or no finished (completed) trial.
     """
     store = open_store(store, heartbeat_interval=None, create=False)
     study, spec, trial = study_mod.best_trial(name, store, number, rank)
+    final = finalstage.results(study, spec) if number is None and rank == 1 else None
+    if final is not None and final["chosen"] is not None and final["chosen"]["source_trial"] is not None:
+        trial = next(t for t in study.get_trials(deepcopy=False) if t.number == final["chosen"]["source_trial"])
     doc = export_document(study, spec, trial, store.url)
+    if final is not None and final["chosen"] is not None:
+        chosen = final["chosen"]
+        doc["config"] = final["config"]
+        doc["provenance"]["final"] = {k: final[k] for k in ("study", "test_mean", "test_std", "done", "model",
+                                                            "wall_s", "compute_s", "notes")}
+        doc["provenance"]["final"]["chosen_finalist"] = {k: chosen[k] for k in ("number", "value", "rank", "baseline")}
+        doc["provenance"]["final"]["seeds"] = [{k: r[k] for k in ("seed", "state", "value", "test_acc", "model")}
+                                               for r in final["seeds"]]
     write_json(path, doc)
     return doc
+
+
+def export_model(name: str, path: str | Path, store: Store | str | None = None,
+                 artifacts: str | None = None) -> dict:
+    """Copy the final model of study `name` (the final stage's best seed on validation) to
+    `path`, a model.pt that `cnnsearch predict` takes. Returns the final results.
+
+    Raises:
+        ExportError: the study has no final stage, it has not finished, or its model file is
+            not in the artifact store here.
+    """
+    from search.artifacts import artifact_store_if_any
+    from search.files import write_atomic
+
+    store = open_store(store, heartbeat_interval=None, create=False)
+    study, spec = study_mod.load(name, store, validate=False)
+    final = finalstage.results(study, spec)
+    if final is None:
+        raise ExportError(f"--model: study {name!r} has no final stage "
+                          + ("yet" if spec.final is not None else "(no [final] section in its study file)"))
+    if not final["done"] or final["model"] is None:
+        raise ExportError(f"--model: study {name!r}'s final stage has no final model yet ({finalstage.summary_line(final)})")
+    files = artifact_store_if_any(store.url, artifacts)
+    if files is None:
+        raise ExportError(f"--model: no artifact store here for {store.shown}; give --artifacts where the "
+                          "workers kept their files")
+    data = files.get_bytes(final["model"], f"study {name!r}'s final model")
+    write_atomic(Path(path), lambda f: f.write(data))
+    return final

@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 
 import search
 from search import config, space
-from search import objectives
+from search import finalstage, objectives
 from search import study as study_mod
 from search.files import write_atomic
 from search.storage import Store, open_store
@@ -323,14 +323,73 @@ def build_report(study: optuna.Study, spec, *, url: str | None = None, top: int 
         "completed trials, darker ones later; categories spread sideways"
         + (f"; {first(len(panels))}" if len(params) > len(panels) else ""))
 
+    final = finalstage.results(study, spec)
+    if final is not None and (final["finalists"] or final["seeds"]):
+        add("final-curves", "Final stage: validation per epoch", lambda: _final_figure(final),
+            "finalists dashed, seed runs solid; the chosen finalist's line is the first seed's")
+
     pngs = _write_pngs(Path(png_dir), view, lines_view, curves, best, importances, spec.metric, figures,
-                       axes=axes, panels=panels, caveat=caveat) if png_dir else []
+                       axes=axes, panels=panels, caveat=caveat, final=final) if png_dir else []
     best_cfg = json.dumps(config.to_dict(space.params_to_config(spec, best.params)), indent=2) if best else None
-    page = _page(study, spec, trials, ranked[:top], figures, notes, best, best_cfg, url and mask_url(url))
+    page = _page(study, spec, trials, ranked[:top], figures, notes, best, best_cfg, url and mask_url(url), final)
     return Report(page, [title for title, _, _ in figures.values()], notes, pngs)
 
 
-def _page(study, spec, trials, top_trials, figures, notes, best, best_cfg, storage_label) -> str:
+def _final_figure(final: dict):
+    """The final stage's validation curves: one line per finalist (dashed) and seed run."""
+    import plotly.graph_objects as go
+
+    metric = final["metric"]
+    fig = go.Figure()
+    for role, rows, dash in (("finalist", final["finalists"], "dash"), ("seed", final["seeds"], "solid")):
+        for r in rows:
+            pts = [(h["epoch"] + 1, h[metric]) for h in r["history"] if metric in h]
+            if not pts:
+                continue
+            label = (f"finalist: trial {r['source_trial']}" if role == "finalist" else f"seed {r['seed']}")
+            fig.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers", name=label,
+                            line={"dash": dash})
+    if not fig.data:
+        raise ValueError("no final-stage run has finished an epoch yet")
+    fig.update_layout(xaxis_title="epoch", yaxis_title=metric, height=420)
+    return fig
+
+
+def _final_section(final: dict, name: str) -> str:
+    """The final stage's results: the line status prints, its notes, the finalists and the seeds."""
+    esc = html.escape
+    metric = final["metric"]
+
+    def table(head: tuple, rows: list[tuple]) -> str:
+        header = "".join(f"<th>{esc(h)}</th>" for h in head)
+        body = "".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+        return f"<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>"
+
+    def num(v, fmt="{:.4f}"):
+        return fmt.format(v) if isinstance(v, (int, float)) else ""
+
+    chosen = final["chosen"]["number"] if final["chosen"] else None
+    finalists = table(("search trial", "search rank", "start", "state", f"{metric} (final budget)", "params",
+                       "n_params", "seconds", "chosen"),
+                      [(f["source_trial"] if f["source_trial"] is not None else "-", f["rank"] or "-",
+                        "yes" if f["baseline"] else "", f["state"].lower(), num(f["value"]),
+                        ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in f["params"].items()),
+                        num(f["n_params"], "{:,}"), num(f["seconds"], "{:.0f}"), "yes" if f["number"] == chosen else "")
+                       for f in final["finalists"]])
+    seeds = table(("seed", "state", metric, "test acc", "seconds", "trained"),
+                  [(r["seed"], r["state"].lower(), num(r["value"]), num(r["test_acc"], "{:.2%}"),
+                    num(r["seconds"], "{:.0f}"), "reused the chosen finalist's run" if r["reused_from"] is not None
+                    else "yes") for r in final["seeds"]])
+    notes = "".join(f"<p class='note'>{esc(n)}</p>" for n in final["notes"])
+    return (f'<section id="final"><h2>Final stage</h2><p>{esc(finalstage.summary_line(final))}.</p>{notes}'
+            f"<p>Finalists: the best search trials (and the study's start), each trained at the final budget "
+            f"without reading the test split; the chosen one is the best on validation.</p>{finalists}"
+            f"<p>The chosen config over seeds, the test split read once per seed; "
+            f"<code>cnnsearch export {esc(name)} --model final.pt</code> writes the model of the seed best "
+            f"on validation.</p>{seeds}</section>")
+
+
+def _page(study, spec, trials, top_trials, figures, notes, best, best_cfg, storage_label, final=None) -> str:
     from plotly.offline import get_plotlyjs
 
     counts: dict[str, int] = {}
@@ -354,6 +413,8 @@ def _page(study, spec, trials, top_trials, figures, notes, best, best_cfg, stora
             parts.append(fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{name}"))
             parts.append(f"<p class='meta'>{esc(caption)}</p>" if caption else "")
         parts.append("</section>")
+    if final is not None:
+        parts.append(_final_section(final, study.study_name))
     parts.append(f'<section id="top"><h2>Top {len(top_trials)} completed trials</h2>{_table(top_trials, spec.metric)}'
                  "</section>")
     if best_cfg:
@@ -370,14 +431,14 @@ def _page(study, spec, trials, top_trials, figures, notes, best, best_cfg, stora
 
 
 def _write_pngs(out: Path, view, lines_view, curves, best, importances, metric, figures, *,
-                axes: list[str], panels: list[_Slice], caveat: str) -> list[Path]:
+                axes: list[str], panels: list[_Slice], caveat: str, final: dict | None = None) -> list[Path]:
     """The figures as PNG files, each sized for what it shows (slice plots grow by rows, parallel
     coordinates by axes, importances by bars) with no text under _MIN_FONT pt at 100 dpi."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never a window
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import LogLocator, NullFormatter
+    from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter
     from optuna.visualization import matplotlib as mvis
 
     def curves_plot():
@@ -449,8 +510,20 @@ def _write_pngs(out: Path, view, lines_view, curves, best, importances, metric, 
         fig.suptitle("Slice plots: completed trials, darker ones later", fontsize="x-large")
         return fig
 
+    def final_plot():
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for rows, style in ((final["finalists"], "--"), (final["seeds"], "-")):
+            for r in rows:
+                pts = [(h["epoch"] + 1, h[metric]) for h in r["history"] if metric in h]
+                label = f"finalist: trial {r['source_trial']}" if r in final["finalists"] else f"seed {r['seed']}"
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=".", label=label)
+        ax.set(title="Final stage: validation per epoch", xlabel="epoch", ylabel=metric)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend()
+        return fig
+
     makers = {"history": history_plot, "intermediate": curves_plot, "importances": importance_plot,
-              "parallel": parallel_plot, "slice": slice_plot}
+              "parallel": parallel_plot, "slice": slice_plot, "final-curves": final_plot}
     out.mkdir(parents=True, exist_ok=True)
     written = []
     # optuna's plots switch to the ggplot style process-wide: keep that (and our font floor) to

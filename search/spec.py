@@ -32,7 +32,9 @@ from .config import DATA_FIELDS
 from .space import (Param, SpaceError, apply_params, check_space, contains, corner_params, fill_params, is_active,
                     parse_param, split_target, suggest_params)
 
-SECTIONS = ("study", "data", "fixed", "space", "sampler", "pruner", "enqueue")
+SECTIONS = ("study", "data", "fixed", "space", "sampler", "pruner", "enqueue", "final", "warm_start")
+FINAL_KEYS = ("finalists", "epochs", "full_data", "stretch_schedule", "seeds", "average_last", "baseline")
+WARM_START_KEYS = ("study", "top")
 STUDY_KEYS = ("name", "direction", "metric", "n_trials", "timeout", "description", "max_params", "max_memory")
 FIXED_FIELDS = tuple(f for f in config.FIELDS if f not in DATA_FIELDS)
 _STUDY_NAME = re.compile(r"[A-Za-z0-9_-]+")
@@ -52,6 +54,34 @@ class ClassSpec:
 
 
 @dataclass(frozen=True)
+class FinalSpec:
+    """The study's final stage (`[final]`): what the workers do once the search budget is spent.
+
+    The `finalists` best completed trials (and the study's first `[[enqueue]]` entry, the start
+    it was given, when `baseline`) are each trained at the final budget without reading the test
+    split; the one with the best validation metric, averaged over its last `average_last`
+    epochs, is then trained over `seeds` seeds, the test split read once per seed
+    (search/finalstage.py).
+    """
+
+    finalists: int = 3
+    epochs: int | None = None  # None: the search's own epochs
+    full_data: bool = True  # the whole training set instead of the search's data.subset
+    stretch_schedule: bool = True  # StepLR's step_size scaled to the new epochs (cosine, onecycle follow epochs anyway)
+    seeds: int = 3
+    average_last: int = 1  # the choice: validation metric averaged over this many last epochs
+    baseline: bool = True  # the first [[enqueue]] entry is always a finalist
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """`[warm_start]`: enqueue another study's `top` best configurations, once, at create."""
+
+    study: str
+    top: int = 3
+
+
+@dataclass(frozen=True)
 class StudySpec:
     """A validated study. `data` and `fixed` are RunConfig values; `space` is in dependency order."""
 
@@ -68,6 +98,8 @@ class StudySpec:
     enqueue: tuple[dict, ...]  # configurations to try first, by parameter name
     max_params: int = check.MAX_PARAMS  # no model of the study may have more trainable parameters
     max_memory: int = check.MAX_MEMORY  # bytes: estimated activation memory of one training batch
+    final: FinalSpec | None = None  # None: the study ends with its search (no [final] section)
+    warm_start: WarmStart | None = None
 
     @property
     def metric(self) -> str:
@@ -162,7 +194,8 @@ def _rebuild(doc: Mapping[str, Any]) -> StudySpec:
     for section, default in (("sampler", "TPESampler"), ("pruner", "MedianPruner")):
         table = _table(doc, section, ("name", "kwargs"))
         classes[section] = ClassSpec(name=table.get("name", default), kwargs=dict(table.get("kwargs", {})))
-    return StudySpec(**head, data=data, fixed=fixed, space=space, enqueue=enqueue, **classes)
+    return StudySpec(**head, data=data, fixed=fixed, space=space, enqueue=enqueue, **classes,
+                     final=_parse_final(doc, enqueue), warm_start=_parse_warm_start(doc, head["name"]))
 
 
 def _printable(text: str) -> str:
@@ -184,7 +217,10 @@ def spec_to_dict(spec: StudySpec) -> dict[str, Any]:
         "space": {p.name: _param_to_dict(p) for p in spec.space},
         "sampler": {"name": spec.sampler.name, "kwargs": spec.sampler.kwargs},
         "pruner": {"name": spec.pruner.name, "kwargs": spec.pruner.kwargs},
-        "enqueue": list(spec.enqueue)})
+        "enqueue": list(spec.enqueue),
+        # left out when absent: specs stored before these sections compare equal
+        **({"final": dataclasses.asdict(spec.final)} if spec.final is not None else {}),
+        **({"warm_start": dataclasses.asdict(spec.warm_start)} if spec.warm_start is not None else {})})
 
 
 def make_sampler(spec: StudySpec, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
@@ -254,7 +290,7 @@ def _parse(doc: Mapping[str, Any]) -> StudySpec:
     spec = StudySpec(**head, data=data, fixed=fixed, space=space,
                      sampler=_class_spec(doc, "sampler", optuna.samplers, optuna.samplers.BaseSampler, "TPESampler"),
                      pruner=_class_spec(doc, "pruner", optuna.pruners, optuna.pruners.BasePruner, "MedianPruner"),
-                     enqueue=enqueue)
+                     enqueue=enqueue, final=_parse_final(doc, enqueue), warm_start=_parse_warm_start(doc, head["name"]))
     _check_sampling(spec)
     return spec
 
@@ -285,6 +321,53 @@ def _parse_study(study: Mapping[str, Any]) -> dict[str, Any]:
         raise _Invalid(f"study.description: expected a string, got {description!r}")
     return dict(name=name, objectives=(goal,), n_trials=n_trials, timeout=timeout,
                 description=description, max_params=max_params, max_memory=max_memory)
+
+
+def _int_key(table: Mapping[str, Any], section: str, key: str, default: Any, low: int = 1) -> Any:
+    value = table.get(key, default)
+    if value is default:
+        return value
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise _Invalid(f"{section}.{key}: expected an integer >= {low}, got {value!r}")
+    return value
+
+
+def _bool_key(table: Mapping[str, Any], section: str, key: str, default: bool) -> bool:
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise _Invalid(f"{section}.{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _parse_final(doc: Mapping[str, Any], enqueue: tuple[dict, ...]) -> FinalSpec | None:
+    if "final" not in doc:
+        return None
+    table = _table(doc, "final", FINAL_KEYS)
+    d = FinalSpec()
+    final = FinalSpec(finalists=_int_key(table, "final", "finalists", d.finalists),
+                      epochs=_int_key(table, "final", "epochs", d.epochs),
+                      full_data=_bool_key(table, "final", "full_data", d.full_data),
+                      stretch_schedule=_bool_key(table, "final", "stretch_schedule", d.stretch_schedule),
+                      seeds=_int_key(table, "final", "seeds", d.seeds),
+                      average_last=_int_key(table, "final", "average_last", d.average_last),
+                      baseline=_bool_key(table, "final", "baseline", d.baseline))
+    epochs = final.epochs
+    if epochs is not None and final.average_last > epochs:
+        raise _Invalid(f"final.average_last: {final.average_last} epochs, more than the final "
+                       f"budget of {epochs} epochs")
+    return final
+
+
+def _parse_warm_start(doc: Mapping[str, Any], name: str) -> WarmStart | None:
+    if "warm_start" not in doc:
+        return None
+    table = _table(doc, "warm_start", WARM_START_KEYS)
+    other = table.get("study")
+    if not isinstance(other, str) or not _STUDY_NAME.fullmatch(other):
+        raise _Invalid(f"warm_start.study: expected a study name (letters, digits, _ and -), got {other!r}")
+    if other == name:
+        raise _Invalid(f"warm_start.study: {other!r} is this study itself")
+    return WarmStart(study=other, top=_int_key(table, "warm_start", "top", WarmStart.top))
 
 
 def _check_plain(key: str, value: Any) -> None:

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 import optuna
 
 import search
-from search import check, objectives
+from search import check, finalstage, objectives, space
 from search import spec as spec_mod
 from search.errors import StudyError
 from search.storage import (UID_ATTR, Store, delete_study, live_trials, open_store, trials_by_state,
@@ -72,6 +72,7 @@ def create(spec, store: Store | str | None = None, *, replace: bool = False, for
     classes, warnings = check.data_here(spec_mod.with_data_dir(spec, data_dir).data)
     warnings += check.budget_warnings(spec)
     storage = open_store(store, heartbeat_interval=None).storage
+    warm, warm_notes = warm_start_params(spec, storage)
     wanted = spec_mod.spec_to_dict(spec)
     if replace:
         try:
@@ -100,9 +101,52 @@ def create(spec, store: Store | str | None = None, *, replace: bool = False, for
         study.set_user_attr("classes", list(classes))
     for params in spec.enqueue:
         study.enqueue_trial(dict(params), skip_if_exists=True)
+    for params, source in warm:
+        study.enqueue_trial(params, user_attrs={"warm_start": source}, skip_if_exists=True)
+    warnings += warm_notes
     describe_study(study, spec)
     study.set_user_attr(SPEC_ATTR, wanted)  # last: its presence means the study is complete
     return Created(study, created=True, warnings=warnings)
+
+
+def warm_start_params(spec, storage) -> tuple[list[tuple[dict, str]], tuple[str, ...]]:
+    """The configurations `[warm_start]` enqueues: the other study's chosen final config (if it
+    has one) and its `top` best completed trials, each cut to the parameters that fit this
+    study's space, with a source ("<study> trial <n>") each; and one warning line per trial
+    that lost parameters.
+
+    Raises:
+        StudyError: the other study is not in this storage, or has no completed trial.
+    """
+    if spec.warm_start is None:
+        return [], ()
+    other = spec.warm_start.study
+    try:
+        study = optuna.load_study(study_name=other, storage=storage)
+    except KeyError:
+        raise StudyError(f"warm_start.study: no study named {other!r} in this storage") from None
+    other_spec = _stored_spec(study, validate=False)
+    trials = study.get_trials(deepcopy=False)
+    picked = objectives.ranked(trials, other_spec.objectives)[:spec.warm_start.top]
+    if not picked:
+        raise StudyError(f"warm_start.study: study {other!r} has no completed trial to start from")
+    final = finalstage.results(study, other_spec)
+    chosen = final["chosen"]["source_trial"] if final and final["chosen"] else None
+    if chosen is not None:  # what its final stage picked goes first
+        picked = sorted(picked, key=lambda t: t.number != chosen)
+        if chosen not in [t.number for t in picked]:
+            picked = [next(t for t in trials if t.number == chosen), *picked[:-1]]
+    by_name = {p.name: p for p in spec.space}
+    out, notes = [], []
+    for t in picked:
+        fits = {k: v for k, v in t.params.items() if k in by_name and space.contains(by_name[k], v)}
+        dropped = [f"{k}={v!r}" for k, v in t.params.items() if k not in fits]
+        if dropped:
+            notes.append(f"warm_start: {other} trial {t.number}: {', '.join(dropped)} "
+                         f"do{'es' if len(dropped) == 1 else ''} not fit this study's space; dropped")
+        if fits:
+            out.append((fits, f"{other} trial {t.number}"))
+    return out, tuple(notes)
 
 
 def load(name: str, store: Store | str | None = None, *, validate: bool = True,
@@ -145,6 +189,7 @@ def summary(name: str, store: Store | str | None = None) -> dict:
                            spec.objectives)
     return {"name": name, "spec": spec, "counts": counts, "finished": counts.get("COMPLETE", 0)
             + counts.get("PRUNED", 0), "budget": spec.n_trials, "running": running,
+            "final": finalstage.results(study, spec),
             "best": None if best is None else {"number": best.number, "value": best.value,
                                                "params": best.params, "user_attrs": best.user_attrs}}
 
@@ -179,8 +224,17 @@ def refuse_if_running(study: optuna.Study, option: str = "") -> None:
 
 
 def _delete(study: optuna.Study, force: bool, option: str = "") -> None:
+    """Delete `study` and its final stage's child study (search/finalstage.py), child first."""
+    child = finalstage.load_child(study)
     if not force:
         refuse_if_running(study, option)
+        if child is not None:
+            refuse_if_running(child, option)
+    if child is not None:
+        try:
+            delete_study(child)
+        except KeyError:
+            pass
     # The storage's delete locks the study first and checks it is gone afterwards (retrying a
     # delete that a worker's insert rolled back), so "deleted" is only ever said when true.
     try:

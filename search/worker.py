@@ -23,14 +23,14 @@ from typing import Callable
 import optuna
 from optuna.trial import TrialState
 
-from search import datasets, space
+from search import datasets, finalstage, space
 from search.artifacts import CheckpointStore, open_artifacts
 from search import spec as spec_mod
 from search import study as study_mod
 from search.engine import resolve_device
 from search.errors import StudyGone, TrialsCrashed, first_line
 from search.objective import OverBudget, make_objective
-from search.storage import (OPTIMIZE_LOGGER, Reconnect, Store, check_study, claim_numbered_attr, connection_problem,
+from search.storage import (OPTIMIZE_LOGGER, UID_ATTR, Reconnect, Store, check_study, claim_numbered_attr, connection_problem,
                             count_trials,
                             mask_text, open_store, requeue, started_trial, storage_of, stored_trial, trial_id,
                             unwatch_study, watch_study)
@@ -43,7 +43,7 @@ RECONNECT_FOR = 60.0  # seconds a worker keeps retrying a lost database before i
 @dataclass
 class WorkerResult:
     trials_run: int
-    stopped_because: str  # "budget reached" | "timeout" (crashes in a row raise TrialsCrashed)
+    stopped_because: str  # "budget reached" | "timeout" | "final stage done" (crashes in a row raise TrialsCrashed)
     worker_index: int | None = None  # this worker's index (claim_worker_index)
     sampler_seed: int | None = None  # the seed its sampler drew with (None: the sampler has none)
 
@@ -381,31 +381,65 @@ def run_worker(name: str, store: Store | str | None = None, *, device: str = "au
             f"Trial {trial.number if trial else '?'} crashed outside the objective: {error}")
         counted(trial, error)
 
+    final_stage: list[bool] = []  # [True] once this worker works on the study's final stage
+
+    def to_final_stage() -> None:
+        """The search is over: go on with the child study of the final stage (finalstage.py)."""
+        nonlocal study, objective
+        child = finalstage.open_child(study, spec, study.user_attrs.get(UID_ATTR))
+        unwatch_study(study)
+        study = child
+        watch_study(study)
+        study.sampler = optuna.samplers.RandomSampler(seed=seed)  # every job's params are enqueued
+        study.pruner = optuna.pruners.NopPruner()
+        objective = _guarded(finalstage.make_job(spec, device=device, on_epoch=_checking(on_epoch),
+                                                 checkpoints=artifacts))
+        final_stage.append(True)
+
+    def run_one() -> None:
+        try:
+            study.optimize(objective, n_trials=1, timeout=None if final_stage else left, callbacks=[after_trial],
+                           catch=(OverBudget, Exception))
+        except Exception as exc:
+            crashed_outside(exc)
+        _check_signals()
+
+    def wait() -> None:
+        optuna.storages.fail_stale_trials(study)  # a dead worker's trial -> retried, WAITING
+        time.sleep(POLL_SECONDS)
+
     def step() -> WorkerResult | None:
+        nonlocal left
         check_study(study)  # StudyGone: deleted or replaced since the last trial
         if len(crashes) >= MAX_CRASHES_IN_A_ROW:
             raise TrialsCrashed(f"{len(crashes)} trials crashed in a row, the last with {crashes[-1]}")
+        if final_stage:
+            what = finalstage.advance(study, spec, artifacts)
+            if what == "done":
+                return WorkerResult(run, "final stage done", index, seed)
+            run_one() if what == "work" else wait()
+            return None
         finished = count_trials(study, ("COMPLETE", "PRUNED"))
-        if finished >= spec.n_trials:
-            return WorkerResult(run, "budget reached", index, seed)
         left = None if deadline is None else deadline - time.monotonic()
-        if left is not None and left <= 0:
-            return WorkerResult(run, "timeout", index, seed)
+        over = ("budget reached" if finished >= spec.n_trials
+                else "timeout" if left is not None and left <= 0 else None)
+        if over is not None:
+            if spec.final is None:
+                return WorkerResult(run, over, index, seed)
+            if count_trials(study, ("RUNNING",)):  # the finalists are chosen from every finished trial
+                wait()
+                return None
+            to_final_stage()
+            return None
         claimable = count_trials(study, ("WAITING",))
         in_flight = count_trials(study, ("RUNNING",))
         if claimable or finished + in_flight < spec.n_trials:
-            try:
-                study.optimize(objective, n_trials=1, timeout=left, callbacks=[after_trial],
-                               catch=(OverBudget, Exception))
-            except Exception as exc:
-                crashed_outside(exc)
-            _check_signals()
-            return None
-        optuna.storages.fail_stale_trials(study)  # a dead worker's trial -> retried, WAITING
-        time.sleep(POLL_SECONDS)
+            run_one()
+        else:
+            wait()
         return None
 
-    run = 0
+    run, left = 0, None
     try:
         while True:
             objective.trial_id, before[0] = None, started_trial(study)

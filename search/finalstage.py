@@ -1,0 +1,476 @@
+"""The final stage of a study: finalists at the final budget, the chosen one over seeds, tested once.
+
+When a study with a `[final]` section (`spec.FinalSpec`) has spent its search budget, its
+workers go on here instead of stopping. The work is the trials of a child study,
+`<name>.final`, in the same storage: a dot, which no study file's name may have, so it never
+clashes with a user's study. It shows in optuna-dashboard as a study of its own, with its
+learning curves, and the search's sampler never sees its long runs.
+
+1. Finalists. The worker that creates the child study enqueues, once, the `final.finalists`
+   best completed search trials, and the study's first `[[enqueue]]` entry (the hand-tuned start
+   it was given) when `final.baseline` and it is not among them. Each is trained at the final
+   budget (`final_config`: final epochs, the whole training set, StepLR stretched to the new
+   length) from the config's seed, without reading the test split. Its value is the validation
+   metric averaged over its last `final.average_last` epochs.
+2. The choice. Once no finalist is waiting or running, `choose` picks the best value (ties: the
+   better search rank): a pure function of the stored finalists, so every worker agrees.
+3. Seeds. The worker that claims the step (`storage.claim_numbered_attr`) enqueues `final.seeds`
+   runs of the chosen config, seeds cfg.seed, cfg.seed + 1, ... The first is the chosen
+   finalist's own run: its kept model file is tested, not trained again (retrained, to the same
+   weights on a CPU, where no model file was kept). Each seed run reads the test split once, at
+   its end. The model of the seed with the best validation value is the study's final model.
+4. Results. `results` reads everything back from the child study for status, best, report and
+   export (`export --model final.pt`).
+
+Every job saves its `TrainState` after each epoch like a search trial (search/artifacts.py); a
+job cut off by a killed worker is retried once and resumes from its last checkpoint. A finished
+job keeps its model file (`<child>-model-trial<N>.pt`) in the artifact store; a finalist's is
+removed once another finalist was chosen, so the store holds at most finalists + seeds files.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import statistics
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import optuna
+from optuna.trial import TrialState
+
+from search import config, objectives, space
+from search.errors import CheckpointError, StudyError, first_line
+from search.storage import UID_ATTR, claim_numbered_attr, connection_problem, storage_of, stored_trial
+
+SUFFIX = ".final"
+PARENT_ATTR = "parent_uid"  # child study user attr: the search study's uid, so a replaced study's old child is not reused
+READY_ATTR = "finalists_enqueued"  # child study user attr, set last by its creator: the finalists are all there
+SEEDS_CLAIM = "seed_plan:"  # claim_numbered_attr prefix: index 0 enqueues the seed runs
+SEEDS_ATTR = "seeds_enqueued"  # child study user attr: the chosen finalist's trial number, once seeds are queued
+NOTES_ATTR = "notes"  # child study user attr: what the stage says to the user (fewer finalists than asked, ...)
+if TYPE_CHECKING:  # the read side (results, status, report) loads no torch; training imports it lazily
+    from search.artifacts import CheckpointStore, TrialCheckpoint
+
+WAIT_FOR_CREATOR = 60.0  # seconds a worker waits for the child's creator to finish enqueueing
+
+
+def child_name(name: str) -> str:
+    return f"{name}{SUFFIX}"
+
+
+def final_config(spec, params: dict) -> config.RunConfig:
+    """The search config of `params` at the final budget: `final.epochs` (default: the search's),
+    the whole training set when `final.full_data`, and StepLR's step_size scaled by the ratio of
+    the epochs when `final.stretch_schedule` (cosine and one-cycle follow `epochs` by themselves)."""
+    cfg = space.params_to_config(spec, params)
+    final = spec.final
+    epochs = final.epochs or cfg.epochs
+    changes: dict = {"epochs": epochs}
+    if final.full_data:
+        changes["subset"] = None
+    if final.stretch_schedule and cfg.scheduler == "step" and epochs != cfg.epochs:
+        changes["step_size"] = max(1, round(cfg.step_size * epochs / cfg.epochs))
+    return cfg.replace(**changes)
+
+
+def job_value(history: list[dict], goal: objectives.Objective, last: int) -> float | None:
+    """A job's value: `goal`'s metric averaged over the last `last` epochs of `history`."""
+    values = [h[goal.name] for h in history[-last:] if goal.name in h]
+    if not values or not all(math.isfinite(v) for v in values):
+        return None
+    return statistics.fmean(values)
+
+
+def load_child(parent: optuna.Study) -> optuna.Study | None:
+    try:
+        child = optuna.load_study(study_name=child_name(parent.study_name), storage=storage_of(parent))
+    except KeyError:
+        return None
+    return child
+
+
+def _finalists(parent: optuna.Study, spec) -> tuple[list[dict], list[str]]:
+    """The finalist jobs (params and user attrs) and notes for the user."""
+    final, notes = spec.final, []
+    trials = parent.get_trials(deepcopy=False)
+    top = objectives.ranked(trials, spec.objectives)
+    if len(top) < final.finalists:
+        notes.append(f"{final.finalists} finalists asked for, {len(top)} completed search "
+                     f"trial{'s' if len(top) != 1 else ''}: {len(top)} finalist{'s' if len(top) != 1 else ''}")
+    jobs = [{"params": dict(t.params), "rank": k, "source_trial": t.number}
+            for k, t in enumerate(top[:final.finalists], 1)]
+    if final.baseline and spec.enqueue:
+        start = spec.enqueue[0]
+        if not any(j["params"] == start for j in jobs):
+            same = [t for t in trials if t.params == start]
+            source = same[0].number if same else None
+            rank = next((k for k, t in enumerate(top, 1) if t.params == start), None)
+            jobs.append({"params": dict(start), "rank": rank, "source_trial": source, "baseline": True})
+            notes.append(f"the study's start ([[enqueue]] 1, trial {source}) added as a finalist"
+                         + (f" (search rank {rank})" if rank else " (it did not complete in the search)"))
+        else:
+            next(j for j in jobs if j["params"] == start)["baseline"] = True
+    return jobs, notes
+
+
+def open_child(parent: optuna.Study, spec, uid: str | None) -> optuna.Study:
+    """The child study of `parent`, created with its finalists by the first worker to get here.
+
+    Raises:
+        StudyError: no finalist at all (no completed search trial, no baseline), or the child's
+            creator did not finish enqueueing within WAIT_FOR_CREATOR seconds.
+    """
+    name = child_name(parent.study_name)
+    try:
+        child = optuna.create_study(study_name=name, storage=storage_of(parent), direction=spec.direction)
+    except optuna.exceptions.DuplicatedStudyError:
+        child = optuna.load_study(study_name=name, storage=storage_of(parent))
+        started = time.monotonic()
+        while READY_ATTR not in child.user_attrs:
+            if time.monotonic() - started > WAIT_FOR_CREATOR:
+                raise StudyError(f"final stage {name!r}: its creator never finished enqueueing the finalists; "
+                                 f"delete the study {name!r} (optuna delete-study) and start a worker again") from None
+            time.sleep(0.5)
+        return child
+    jobs, notes = _finalists(parent, spec)
+    if not jobs:
+        child.set_user_attr(NOTES_ATTR, ["no completed search trial and no [[enqueue]] start: nothing to finalize"])
+        child.set_user_attr(READY_ATTR, 0)
+        return child
+    child.set_user_attr(PARENT_ATTR, uid)
+    child.set_user_attr(NOTES_ATTR, notes)
+    child.set_user_attr("created_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    for k, job in enumerate(jobs):
+        attrs = {"role": "finalist", "job": f"finalist:{k}", "rank": job["rank"],
+                 "source_trial": job["source_trial"], "baseline": job.get("baseline", False)}
+        child.enqueue_trial(job["params"], user_attrs=attrs)
+    child.set_user_attr(READY_ATTR, len(jobs))
+    return child
+
+
+_STANDING = {TrialState.COMPLETE: 3, TrialState.RUNNING: 2, TrialState.WAITING: 2, TrialState.PRUNED: 1,
+             TrialState.FAIL: 0}
+
+
+def _latest(trials: list[optuna.trial.FrozenTrial], role: str) -> dict[str, optuna.trial.FrozenTrial]:
+    """Per job key, the trial that stands for it: a completed one, else one running or waiting
+    (a retry), else the latest (a retry replaces the trial it repeats)."""
+    out: dict[str, optuna.trial.FrozenTrial] = {}
+    for t in trials:
+        if t.user_attrs.get("role") == role:
+            held = out.get(t.user_attrs["job"])
+            if held is None or (_STANDING[t.state], t.number) > (_STANDING[held.state], held.number):
+                out[t.user_attrs["job"]] = t
+    return out
+
+
+RETRY_SECONDS = 30.0  # a job failed as stale gets its retry within moments; after this, none is coming
+
+
+def _retry_coming(t: optuna.trial.FrozenTrial) -> bool:
+    """A job failed by a dead worker's heartbeat (or a signal) a moment ago: the worker that
+    failed it is queueing its retry (Optuna fails first, then calls the retry callback)."""
+    from search.storage import RETRIES
+
+    if t.state != TrialState.FAIL or "error" in t.user_attrs or t.user_attrs.get("stop_reason") == "crashed":
+        return False
+    if len(t.system_attrs.get("retry_history", [])) >= RETRIES or t.datetime_complete is None:
+        return False
+    return (datetime.now() - t.datetime_complete).total_seconds() < RETRY_SECONDS
+
+
+def duplicate_of(trial: optuna.trial.FrozenTrial, trials: list[optuna.trial.FrozenTrial]) -> int | None:
+    """Another trial doing this trial's job (two workers retried the same dead trial at once, as
+    SQLite allows): the number of one that completed it, or an earlier one running it."""
+    job = trial.user_attrs.get("job")
+    for t in trials:
+        if t.number == trial.number or t.user_attrs.get("job") != job:
+            continue
+        if t.state == TrialState.COMPLETE or (t.state == TrialState.RUNNING and t.number < trial.number):
+            return t.number
+    return None
+
+
+def choose(child: optuna.Study, goal: objectives.Objective) -> optuna.trial.FrozenTrial | None:
+    """The chosen finalist: the best value among completed finalists; ties go to the better
+    search rank (then the earlier job)."""
+    done = [t for t in _latest(child.get_trials(deepcopy=False), "finalist").values()
+            if t.state == TrialState.COMPLETE and t.value is not None]
+    if not done:
+        return None
+    best = max(t.value for t in done) if goal.maximize else min(t.value for t in done)
+    tied = [t for t in done if t.value == best]
+    return min(tied, key=lambda t: (t.user_attrs.get("rank") or math.inf, t.number))
+
+
+def advance(child: optuna.Study, spec, store: CheckpointStore | None) -> str:
+    """What a worker does next in the final stage: "work" (a job is waiting), "wait" (jobs run
+    elsewhere, or another worker is queueing the seed runs) or "done". Queues the seed runs
+    once no finalist is left to run."""
+    trials = child.get_trials(deepcopy=False)
+    finalists = _latest(trials, "finalist").values()
+    if any(t.state == TrialState.WAITING for t in finalists):
+        return "work"
+    if any(t.state == TrialState.RUNNING or _retry_coming(t) for t in finalists):
+        return "wait"
+    if not finalists:
+        return "done"
+    attrs = child.user_attrs
+    if SEEDS_ATTR not in attrs:
+        holder = {"host": socket.gethostname(), "pid": os.getpid(),
+                  "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        if any(k.startswith(SEEDS_CLAIM) for k in attrs) or claim_numbered_attr(child, SEEDS_CLAIM, holder) != 0:
+            return "wait"  # another worker is queueing them
+        _enqueue_seeds(child, spec, store)
+        return "work" if SEEDS_ATTR in child.user_attrs and child.user_attrs[SEEDS_ATTR] is not None else "done"
+    seeds = _latest(trials, "seed").values()
+    if any(t.state == TrialState.WAITING for t in seeds):
+        return "work"
+    if any(t.state == TrialState.RUNNING or _retry_coming(t) for t in seeds):
+        return "wait"
+    return "done"
+
+
+def _enqueue_seeds(child: optuna.Study, spec, store: CheckpointStore | None) -> None:
+    chosen = choose(child, spec.objectives[0])
+    if chosen is None:
+        child.set_user_attr(NOTES_ATTR, [*child.user_attrs.get(NOTES_ATTR, []),
+                                         "no finalist finished its final training: no seed runs"])
+        child.set_user_attr(SEEDS_ATTR, None)
+        return
+    for k in range(spec.final.seeds):
+        attrs = {"role": "seed", "job": f"seed:{k}", "seed_index": k, "chosen": chosen.number,
+                 "rank": chosen.user_attrs.get("rank"), "source_trial": chosen.user_attrs.get("source_trial")}
+        if k == 0 and chosen.user_attrs.get("model"):
+            attrs["reuse"] = chosen.number  # the chosen finalist's run is seed 0: tested, not retrained
+        child.enqueue_trial(dict(chosen.params), user_attrs=attrs)
+    child.set_user_attr(SEEDS_ATTR, chosen.number)
+    if store is not None:  # the other finalists' models are not needed any more
+        for t in _latest(child.get_trials(deepcopy=False), "finalist").values():
+            if t.number != chosen.number and t.user_attrs.get("model"):
+                store.remove(t.user_attrs["model"])
+
+
+def _model_id(child_study: str, number: int) -> str:
+    return f"{child_study}-model-trial{number}.pt"
+
+
+def _save_model(store: CheckpointStore, trial: optuna.Trial, model, cfg, ds) -> str:
+    from search.modelfile import save_model_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_model_file(Path(tmp) / "model.pt", model, cfg, ds)
+        data = path.read_bytes()
+    return store.put_bytes(data, _model_id(trial.study.study_name, trial.number))
+
+
+def _reused_test(store: CheckpointStore, artifact_id: str, ds, device, bf16: bool) -> tuple[float, float]:
+    """(test loss, test acc) of a kept model file, on `ds`'s test split."""
+    from search import engine
+    from search.augment import Normalizer
+    from search.modelfile import load_model_file
+
+    data = store.get_bytes(artifact_id, "the chosen finalist's model")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.pt"
+        path.write_bytes(data)
+        loaded = load_model_file(path, str(device))
+    norm = Normalizer(ds.mean, ds.std, device)
+    return engine.evaluate(loaded.model, ds.test_x, ds.test_y, norm, bf16=bf16)
+
+
+def make_job(spec, *, device: str = "auto", on_epoch: Callable[[int, int, dict], None] | None = None,
+             checkpoints: CheckpointStore | None = None) -> Callable[[optuna.Trial], float]:
+    """The function a worker hands to the child study's `optimize`: one finalist or seed run."""
+    import models
+    from search import datasets, engine
+    from search.artifacts import TrialCheckpoint
+    from search.objective import OverBudget
+
+    goal = spec.objectives[0]
+    metric, last = goal.name, spec.final.average_last
+
+    def run_job(trial: optuna.Trial, attrs: dict, ckpt: TrialCheckpoint, replaced: list[int]) -> float:
+        if "job" not in attrs:  # ask() made a new trial: another worker took the last waiting job
+            trial.set_user_attr("stop_reason", "no final-stage job left: another worker took it")
+            raise OverBudget("no final-stage job left")
+        other = duplicate_of(stored_trial(trial), trial.study.get_trials(deepcopy=False))
+        if other is not None:
+            trial.set_user_attr("stop_reason", f"duplicate retry: trial {other} does this job")
+            raise OverBudget(f"duplicate of trial {other}")
+        params = space.suggest_params(trial, spec)  # the enqueued (fixed) params, recorded as a trial's
+        cfg = final_config(spec, params)
+        cfg = cfg.replace(device=device, seed=(cfg.seed + attrs.get("seed_index", 0)) % config.SEED_LIMIT)
+        resolved = engine.resolve_device(device)
+        bf16 = engine.uses_bf16(cfg.precision, resolved)
+        for key, value in (("host", socket.gethostname()), ("pid", os.getpid()), ("device", str(resolved)),
+                           ("precision", "bf16" if bf16 else "fp32"), ("epochs", cfg.epochs), ("seed", cfg.seed),
+                           ("subset", cfg.subset)):
+            trial.set_user_attr(key, value)
+        started = time.perf_counter()
+        dataset = datasets.dataset_for(cfg)
+        ds = datasets.to_device(dataset, resolved)
+        test = attrs["role"] == "seed"
+        reuse = attrs.get("reuse")
+        if reuse is not None and checkpoints is not None:
+            source = child_trial(trial.study, reuse)
+            try:
+                loss, acc = _reused_test(checkpoints, source.user_attrs["model"], ds, resolved, bf16)
+            except CheckpointError as exc:
+                trial.set_user_attr("reuse_error", f"{first_line(exc)}; trained again")
+            else:
+                history = source.user_attrs.get("history", [])
+                for m in history:
+                    trial.report(m[metric], m["epoch"])
+                for key in ("history", "n_params", "train_seconds", "stop_reason"):
+                    if key in source.user_attrs:
+                        trial.set_user_attr(key, source.user_attrs[key])
+                trial.set_user_attr("model", source.user_attrs["model"])
+                trial.set_user_attr("test_acc", acc)
+                trial.set_user_attr("test_loss", loss)
+                trial.set_user_attr("reused_from", reuse)
+                return job_value(history, goal, last)
+        trial.set_user_attr("n_params", models.count_parameters(models.build_model(cfg, ds.in_shape, ds.num_classes)))
+        state = engine.TrainState.start(cfg, ds, resolved)
+        saved = ckpt.saved_run(replaced)
+        if saved is not None:
+            try:
+                state.load_state_dict(saved["state"])
+            except Exception as exc:  # noqa: BLE001 - another run's, or malformed: train from scratch
+                ckpt.failed(exc)
+                state = engine.TrainState.start(cfg, ds, resolved)
+        if replaced and ckpt.store is not None:
+            trial.set_user_attr("resumed_from_epoch", state.epoch)
+        ckpt.state = state
+
+        def report(epoch: int, m: dict, save: bool = True) -> None:
+            if metric in m and math.isfinite(m[metric]):
+                trial.report(m[metric], epoch)
+            if save:
+                ckpt.save()
+            if on_epoch is not None:
+                on_epoch(trial.number, epoch, m)
+
+        for m in state.history:
+            report(m["epoch"], m, save=False)
+        result = engine.fit(cfg, report, dataset=ds, evaluate_test=test, state=state)
+        trial.set_user_attr("train_seconds", round(time.perf_counter() - started, 3))
+        trial.set_user_attr("stop_reason", result.stop_reason)
+        trial.set_user_attr("history", [{k: v for k, v in h.items() if isinstance(v, (int, float))}
+                                        for h in result.history])
+        if result.stop_reason != "finished":
+            raise optuna.TrialPruned(result.stop_reason)
+        if test:
+            trial.set_user_attr("test_acc", result.test_acc)
+            trial.set_user_attr("test_loss", result.test_loss)
+        if checkpoints is not None:
+            try:
+                trial.set_user_attr("model", _save_model(checkpoints, trial, result.model, cfg, dataset))
+            except OSError as exc:
+                trial.set_user_attr("model_error", f"model file not kept: {first_line(exc, with_type=True)}")
+        value = job_value(result.history, goal, last)
+        if value is None:
+            raise optuna.TrialPruned(f"no finite {metric} in its last {last} epochs")
+        return value
+
+    def job(trial: optuna.Trial) -> float:
+        stored = stored_trial(trial)
+        replaced = stored.system_attrs.get("retry_history", [])
+        ckpt = TrialCheckpoint(trial, checkpoints, stored.user_attrs, replaced[0] if replaced else None)
+        try:
+            value = run_job(trial, dict(stored.user_attrs), ckpt, replaced)
+        except BaseException as exc:
+            cut_off = (isinstance(exc, (KeyboardInterrupt, optuna.exceptions.UpdateFinishedTrialError))
+                       or connection_problem(exc) is not None)
+            if not cut_off:
+                ckpt.drop()
+                if isinstance(exc, Exception) and not isinstance(exc, (optuna.TrialPruned, OverBudget)):
+                    trial.set_user_attr("stop_reason", "crashed")
+                    trial.set_user_attr("error", first_line(exc, with_type=True))
+            raise
+        ckpt.drop()
+        return value
+
+    return job
+
+
+def child_trial(child: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
+    return next(t for t in child.get_trials(deepcopy=False) if t.number == number)
+
+
+def results(parent: optuna.Study, spec) -> dict | None:
+    """The final stage as stored: None when it has not started (or the study has no [final]).
+
+    Keys: finalists (rows), chosen (the chosen finalist's row or None), seeds (rows), test_mean,
+    test_std, model (artifact id of the final model: the seed with the best validation value),
+    config (the chosen config at the final budget), done, notes, wall_s (first job's start to
+    last job's end), compute_s (the jobs' training seconds).
+    """
+    if spec.final is None:
+        return None
+    child = load_child(parent)
+    if child is None:
+        return None
+    attrs = child.user_attrs
+    if attrs.get(PARENT_ATTR) not in (None, parent.user_attrs.get(UID_ATTR)):
+        return None  # an earlier study of this name's stage (should have been deleted with it)
+    trials = child.get_trials(deepcopy=False)
+    goal = spec.objectives[0]
+
+    def row(t: optuna.trial.FrozenTrial) -> dict:
+        a = t.user_attrs
+        return {"number": t.number, "job": a.get("job"), "state": t.state.name, "value": t.value,
+                "rank": a.get("rank"), "source_trial": a.get("source_trial"), "baseline": a.get("baseline", False),
+                "seed": a.get("seed"), "test_acc": a.get("test_acc"), "n_params": a.get("n_params"),
+                "seconds": a.get("train_seconds"), "stop_reason": a.get("stop_reason"), "error": a.get("error"),
+                "model": a.get("model"), "epochs": a.get("epochs"), "history": a.get("history", []),
+                "reused_from": a.get("reused_from"), "params": dict(t.params), "host": a.get("host"),
+                "device": a.get("device")}
+
+    finalists = [row(t) for t in _latest(trials, "finalist").values()]
+    seeds = [row(t) for t in _latest(trials, "seed").values()]
+    chosen_number = attrs.get(SEEDS_ATTR)
+    chosen = next((f for f in finalists if f["number"] == chosen_number), None)
+    tests = [s["test_acc"] for s in seeds if s["state"] == "COMPLETE" and s["test_acc"] is not None]
+    done_seeds = [s for s in seeds if s["state"] == "COMPLETE" and s["value"] is not None]
+    model = None
+    if done_seeds:
+        pick = max if goal.maximize else min
+        best_value = pick(s["value"] for s in done_seeds)
+        model = next(s["model"] for s in done_seeds if s["value"] == best_value)
+    jobs = [t for t in trials if "job" in t.user_attrs]
+    starts = [t.datetime_start for t in jobs if t.datetime_start]
+    ends = [t.datetime_complete for t in jobs if t.datetime_complete]
+    running = any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in jobs)
+    done = SEEDS_ATTR in attrs and not running
+    return {"study": child.study_name, "finalists": finalists, "chosen": chosen, "seeds": seeds,
+            "test_mean": statistics.fmean(tests) if tests else None,
+            "test_std": statistics.stdev(tests) if len(tests) > 1 else None,
+            "model": model, "done": done, "notes": list(attrs.get(NOTES_ATTR, [])),
+            "config": config.to_dict(final_config(spec, chosen["params"])) if chosen else None,
+            "wall_s": (max(ends) - min(starts)).total_seconds() if starts and ends and done else None,
+            "compute_s": sum(r["seconds"] or 0 for r in finalists + seeds), "metric": goal.name}
+
+
+def summary_line(res: dict) -> str:
+    """One line: the final test accuracy (mean ± std over seeds), or where the stage is."""
+    n_seeds = sum(s["state"] == "COMPLETE" for s in res["seeds"])
+    if res["test_mean"] is not None:
+        std = f" ± {res['test_std']:.2%}" if res["test_std"] is not None else ""
+        chosen = res["chosen"]
+        src = f"trial {chosen['source_trial']}" if chosen and chosen["source_trial"] is not None else "the start"
+        state = "" if res["done"] else " so far"
+        return (f"final: test acc {res['test_mean']:.2%}{std} over {len(res['seeds']) if res['done'] else n_seeds} "
+                f"seed{'s' if n_seeds != 1 else ''}{state} ({src}, chosen from {len(res['finalists'])} finalists "
+                f"on validation)")
+    fin_done = sum(f["state"] in ("COMPLETE", "PRUNED", "FAIL") for f in res["finalists"])
+    if res["chosen"] is None:
+        if res["done"]:
+            return "final: no result (see the notes)"
+        return f"final stage: {fin_done}/{len(res['finalists'])} finalists trained"
+    return f"final stage: chosen trial {res['chosen']['source_trial']}; {n_seeds}/{len(res['seeds'])} seed runs done"

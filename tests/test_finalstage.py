@@ -1,0 +1,266 @@
+"""The final stage (search/finalstage.py): a study with [final] ends with its tested final model.
+
+Workers go on from the search to the child study `<name>.final`: finalists at the final budget
+(no test read), the best on validation over seeds (the test read once per seed), results in
+status, best, export and export --model; a killed finalist resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from typer.testing import CliRunner
+
+from search import finalstage
+from search import spec as spec_mod
+from search import study as study_mod
+from search.cli import app
+from search.errors import SpecError
+from search.storage import open_storage
+from search.worker import run_worker
+from studykit import assert_one_line_error, start_worker, tiny_study
+
+BASELINE = '[[enqueue]]\nlr = 3e-3\noptimizer = "adam"\n'  # the study's start
+FINAL = "\n[final]\nfinalists = 2\nepochs = 4\nseeds = 2\n"
+
+
+def _study(tmp_path: Path, final: str = FINAL, n_trials: int = 5, name: str = "fin", epochs: int = 3,
+           extra: str = "") -> tuple[str, spec_mod.StudySpec]:
+    path = tiny_study(tmp_path, name=name, n_trials=n_trials, epochs=epochs, pruner='name = "NopPruner"',
+                      enqueue=BASELINE + extra + final)
+    path.write_text(path.read_text().replace("low = 1e-6", "low = 3e-3"))  # lr in [3e-3, 3e-2]: trials learn
+    spec = spec_mod.load_spec(path)
+    url = f"sqlite:///{tmp_path}/s.db"
+    study_mod.create(spec, url)
+    return url, spec
+
+
+def _child_trials(url: str, name: str = "fin") -> list[optuna.trial.FrozenTrial]:
+    storage = open_storage(url, heartbeat_interval=None)
+    return optuna.load_study(study_name=f"{name}.final", storage=storage).get_trials()
+
+
+def _results(url: str, name: str = "fin") -> dict:
+    study, spec = study_mod.load(name, url, validate=False)
+    return finalstage.results(study, spec)
+
+
+def test_a_study_with_final_ends_with_its_tested_model(tmp_path):
+    url, spec = _study(tmp_path)
+    result = run_worker("fin", url, device="cpu", worker_index=0)
+    assert result.stopped_because == "final stage done"
+    res = _results(url)
+    assert res["done"]
+    finalists = res["finalists"]
+    study = study_mod.load("fin", url)[0]
+    top2 = [t.number for t in sorted((t for t in study.get_trials() if t.state == TrialState.COMPLETE),
+                                     key=lambda t: (-t.value, t.number))[:2]]
+    # the 2 best trials, and the enqueued start (trial 0) when it is not one of them
+    assert [f["source_trial"] for f in finalists] == top2 + ([] if 0 in top2 else [0])
+    assert [f["baseline"] for f in finalists] == [n == 0 for n in top2] + ([] if 0 in top2 else [True])
+    assert any("added as a finalist" in n for n in res["notes"]) == (0 not in top2)
+    assert all(f["epochs"] == 4 for f in finalists)
+    assert all(f["test_acc"] is None for f in finalists)  # finalists never read the test split
+    best_value = max(f["value"] for f in finalists if f["state"] == "COMPLETE")
+    assert res["chosen"]["value"] == best_value
+    assert [s["seed"] for s in res["seeds"]] == [0, 1]
+    assert all(s["test_acc"] is not None for s in res["seeds"])
+    # seed 0 is the chosen finalist's own run: tested, not trained again
+    assert res["seeds"][0]["reused_from"] == res["chosen"]["number"]
+    assert res["seeds"][0]["value"] == res["chosen"]["value"]
+    assert res["test_mean"] == pytest.approx(sum(s["test_acc"] for s in res["seeds"]) / 2)
+    assert res["config"]["epochs"] == 4 and res["config"]["subset"] is None
+    # the files kept: the chosen finalist's model (= seed 0's) and seed 1's; the others' removed
+    kept = sorted(p.name for p in (tmp_path / "s-artifacts").iterdir())
+    assert kept == sorted({s["model"] for s in res["seeds"]})
+    # a second worker finds nothing left to do
+    assert run_worker("fin", url, device="cpu").stopped_because == "final stage done"
+    assert len(_child_trials(url)) == len(finalists) + 2
+
+
+def test_status_best_export_and_predict_show_the_final_model(tmp_path):
+    url, spec = _study(tmp_path)
+    run_worker("fin", url, device="cpu", worker_index=0)
+    res = _results(url)
+    runner = CliRunner()
+    status = runner.invoke(app, ["status", "fin", "--storage", url])
+    assert status.exit_code == 0, status.output
+    line = f"final: test acc {res['test_mean']:.2%} ± {res['test_std']:.2%} over 2 seeds"
+    assert line in status.output
+    assert "artifacts: 2 files" in status.output
+    best = runner.invoke(app, ["best", "fin", "--storage", url])
+    assert line in best.output
+    model = tmp_path / "final.pt"
+    export = runner.invoke(app, ["export", "fin", "--storage", url, "-o", str(tmp_path / "f.json"),
+                                 "--model", str(model)])
+    assert export.exit_code == 0, export.output
+    assert "the final stage's chosen config" in export.output
+    predict = runner.invoke(app, ["predict", str(model), "--dataset-test"])
+    assert predict.exit_code == 0, predict.output
+    chosen_seed = next(s for s in res["seeds"] if s["model"] == res["model"])
+    assert f"accuracy {chosen_seed['test_acc']:.2%}" in predict.output
+    report = runner.invoke(app, ["report", "fin", "--storage", url, "-o", str(tmp_path / "r.html"),
+                                 "--png", str(tmp_path / "png")])
+    assert report.exit_code == 0, report.output
+    page = (tmp_path / "r.html").read_text()
+    assert '<section id="final">' in page and line in page and "reused the chosen finalist" in page
+    assert (tmp_path / "png" / "final-curves.png").stat().st_size > 10_000
+    # the exported config trains the chosen config at the final budget
+    import json
+
+    doc = json.loads((tmp_path / "f.json").read_text())
+    assert doc["config"]["epochs"] == 4 and doc["provenance"]["final"]["test_mean"] == res["test_mean"]
+
+
+def test_export_model_before_the_final_stage_is_one_line(tmp_path):
+    url, spec = _study(tmp_path)
+    result = CliRunner().invoke(app, ["export", "fin", "--storage", url, "--model", str(tmp_path / "m.pt")])
+    assert_one_line_error(result, "has no final stage yet")
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_more_finalists_than_completed_trials_uses_what_exists(tmp_path):
+    url, spec = _study(tmp_path, final="\n[final]\nfinalists = 9\nepochs = 3\nseeds = 1\nbaseline = false\n",
+                       n_trials=2)
+    run_worker("fin", url, device="cpu", worker_index=0)
+    res = _results(url)
+    done = sum(t.state == TrialState.COMPLETE for t in study_mod.load("fin", url)[0].get_trials())
+    assert len(res["finalists"]) == done
+    assert any(n.startswith(f"9 finalists asked for, {done} completed") for n in res["notes"])
+    assert res["done"] and len(res["seeds"]) == 1
+
+
+def test_final_config_stretches_steplr_and_uses_all_images(tmp_path):
+    url, spec = _study(tmp_path, final="\n[final]\nepochs = 12\n")
+    cfg = finalstage.final_config(spec, {"lr": 1e-3, "optimizer": "adam"})
+    assert cfg.epochs == 12 and cfg.subset is None
+    import dataclasses
+
+    stepped = dataclasses.replace(spec, fixed={**spec.fixed, "scheduler": "step", "step_size": 2},
+                                  data={**spec.data, "subset": 100})
+    cfg = finalstage.final_config(stepped, {"lr": 1e-3, "optimizer": "adam"})
+    assert (cfg.step_size, cfg.subset) == (8, None)  # 2 of 3 epochs -> 8 of 12
+    kept = dataclasses.replace(stepped, final=dataclasses.replace(stepped.final, stretch_schedule=False,
+                                                                  full_data=False))
+    cfg = finalstage.final_config(kept, {"lr": 1e-3, "optimizer": "adam"})
+    assert (cfg.step_size, cfg.subset) == (2, 100)
+
+
+@pytest.mark.parametrize("section, fragment", [
+    ("finalists = 0", "final.finalists: expected an integer >= 1, got 0"),
+    ("seeds = \"3\"", "final.seeds: expected an integer >= 1, got '3'"),
+    ("full_data = \"yes\"", "final.full_data: expected true or false"),
+    ("top_k = 3", "final.top_k: unknown key (valid: finalists,"),
+    ("epochs = 2\naverage_last = 3", "final.average_last: 3 epochs, more than the final budget of 2"),
+    ("epochs = 1.5", "final.epochs: expected an integer >= 1"),
+])
+def test_a_bad_final_section_is_one_line_at_load(tmp_path, section, fragment):
+    path = tiny_study(tmp_path, enqueue=f"[final]\n{section}\n")
+    with pytest.raises(SpecError, match=None) as err:
+        spec_mod.load_spec(path)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_final_section_round_trips_and_specs_without_it_are_unchanged(tmp_path):
+    with_final = spec_mod.load_spec(tiny_study(tmp_path, enqueue="[final]\nseeds = 5\n"))
+    assert with_final.final == spec_mod.FinalSpec(seeds=5)
+    doc = spec_mod.spec_to_dict(with_final)
+    assert spec_mod.spec_from_dict(doc) == with_final == spec_mod.spec_from_dict(doc, validate=False)
+    without = spec_mod.load_spec(tiny_study(tmp_path, name="plain"))
+    assert without.final is None and "final" not in spec_mod.spec_to_dict(without)
+
+
+def test_delete_and_replace_remove_the_final_stage_too(tmp_path):
+    url, spec = _study(tmp_path, final="\n[final]\nfinalists = 1\nepochs = 3\nseeds = 1\n", n_trials=2)
+    run_worker("fin", url, device="cpu", worker_index=0)
+    storage = open_storage(url, heartbeat_interval=None)
+    names = lambda: sorted(s.study_name for s in optuna.get_all_study_summaries(storage))  # noqa: E731
+    assert names() == ["fin", "fin.final"]
+    study_mod.create(spec_mod.load_spec(tiny_study(tmp_path, name="fin", n_trials=3, enqueue=BASELINE + FINAL)),
+                     url, replace=True)
+    assert names() == ["fin"]
+    study_mod.delete("fin", url)
+    assert names() == []
+
+
+def test_two_workers_split_the_final_stage_and_a_killed_finalist_resumes(tmp_path):
+    """Two worker processes; one is killed with SIGKILL in the middle of a finalist's epochs. The
+    other retries that finalist from its checkpoint; every job ends done exactly once."""
+    url, spec = _study(tmp_path, final="\n[final]\nfinalists = 2\nepochs = 60\nseeds = 2\nbaseline = false\n",
+                       n_trials=3)
+    fast = ("--heartbeat", "1", "--grace", "4")
+    logs = [tmp_path / f"w{k}.log" for k in range(3)]
+    workers = [start_worker("fin", url, *fast, log=logs[k]) for k in range(2)]
+    try:
+        deadline = time.monotonic() + 240
+        victim = None
+        while victim is None:
+            assert time.monotonic() < deadline, logs[0].read_text() + logs[1].read_text()
+            try:
+                running = [t for t in _child_trials(url) if t.state == TrialState.RUNNING
+                           and t.user_attrs.get("role") == "finalist" and len(t.intermediate_values) >= 3
+                           and "checkpoint" in t.user_attrs]
+            except KeyError:  # the child study is not there yet
+                running = []
+            if running:
+                pid = running[0].user_attrs["pid"]
+                victim = next(w for w in workers if w.pid == pid)
+            time.sleep(0.1)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        workers.append(start_worker("fin", url, *fast, log=logs[2]))
+        for w in workers:
+            if w is not victim:
+                assert w.wait(timeout=300) == 0
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+                w.wait()
+    trials = _child_trials(url)
+    # each job ended once (a finalist may diverge at this lr and be pruned; that is its result)
+    jobs = [t.user_attrs["job"] for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    states = [(t.number, t.state.name, t.user_attrs.get("job"), t.user_attrs.get("stop_reason")) for t in trials]
+    assert sorted(jobs) == ["finalist:0", "finalist:1", "seed:0", "seed:1"], states
+    retry = next(t for t in trials if "retry_history" in t.system_attrs and t.state == TrialState.COMPLETE)
+    assert retry.user_attrs["resumed_from_epoch"] >= 2
+    assert len(retry.intermediate_values) == 60  # every epoch reported once, none missing
+    res = _results(url)
+    assert res["done"] and res["test_mean"] is not None
+    assert "final stage done" in logs[2].read_text() or any("final stage done" in p.read_text() for p in logs)
+
+
+def test_warm_start_enqueues_the_other_studys_best_that_fit(tmp_path):
+    url, _ = _study(tmp_path, final="", n_trials=4)
+    run_worker("fin", url, device="cpu", worker_index=0)
+    other = study_mod.load("fin", url)[0]
+    top = sorted((t for t in other.get_trials() if t.state == TrialState.COMPLETE),
+                 key=lambda t: -t.value)[:2]
+    path = tmp_path / "warm.toml"
+    # a narrower space: lr from 1e-2 only, so lower ones do not fit and are dropped
+    text = tiny_study(tmp_path, name="warm", n_trials=3).read_text().replace("low = 1e-6", "low = 1e-2")
+    path.write_text(text + '\n[warm_start]\nstudy = "fin"\ntop = 2\n')
+    made = study_mod.create(spec_mod.load_spec(path), url)
+    waiting = [t for t in made.study.get_trials() if t.state == TrialState.WAITING]
+    expected = []  # (what fits, its source), a configuration enqueued once
+    for src in top:
+        fits = {k: v for k, v in src.params.items() if not (k == "lr" and v < 1e-2)}
+        if fits not in [e[0] for e in expected]:
+            expected.append((fits, f"fin trial {src.number}"))
+    assert [(t.system_attrs["fixed_params"], t.user_attrs["warm_start"]) for t in waiting] == expected
+    dropped = [t for t in top if t.params["lr"] < 1e-2]
+    assert len([w for w in made.warnings if "does not fit" in w]) == len(dropped)
+
+
+def test_warm_start_from_a_missing_study_is_one_line_and_creates_nothing(tmp_path):
+    path = tmp_path / "warm.toml"
+    path.write_text(tiny_study(tmp_path, name="warm").read_text() + '\n[warm_start]\nstudy = "nope"\n')
+    url = f"sqlite:///{tmp_path}/w.db"
+    result = CliRunner().invoke(app, ["create", str(path), "--storage", url])
+    assert_one_line_error(result, "warm_start.study: no study named 'nope'")
+    assert study_mod.list_studies(url) == []
