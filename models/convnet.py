@@ -3,8 +3,11 @@
 A convnet is a stack of blocks, then a head, then a fully connected classifier:
 
     block b:    convs[b] x (Conv2d -> [BatchNorm2d] -> activation) -> [pool] -> [dropout]
+                (block_order "conv_act_dropout_bn_pool", the three-conv notebook's:
+                 convs[b] x (Conv2d -> activation -> [dropout] -> [BatchNorm2d]) -> [pool])
     head:       Flatten, or AdaptiveAvg/MaxPool2d(adaptive_size) -> Flatten
-    classifier: for each width in fc: Linear -> activation -> [Dropout(fc_dropout)]; Linear(num_classes)
+    classifier: for each width in fc: Linear -> activation -> [Dropout(fc_dropout)] -> [BatchNorm1d];
+                Linear(num_classes)
 
 Every other model (lenet5, alexnet, the presets) is this function with fixed params. The
 classifier's input size is computed from the input shape, never typed by hand, and an
@@ -13,6 +16,7 @@ architecture that would shrink the image below 1x1 is refused here, at build tim
 and padded 'same' where it cannot (the defaults on 8x8 digits), so a network that trains today
 keeps its layout and the defaults fit every dataset.
 Conv layers keep their bias even with batchnorm so the presets match the notebooks' networks.
+Every layer is a fresh module: no module or parameter is ever shared between two places.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from ._registry import ModelConfigError, ModelShapeError, register_model
 ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "gelu": nn.GELU}
 POOLS = {"none": None, "max": nn.MaxPool2d, "avg": nn.AvgPool2d}
 HEADS = {"flatten": None, "adaptive_avg": nn.AdaptiveAvgPool2d, "adaptive_max": nn.AdaptiveMaxPool2d}
+BLOCK_ORDERS = ("conv_bn_act_pool_dropout", "conv_act_dropout_bn_pool")
 
 DEFAULTS: dict[str, Any] = {
     "channels": [32, 64],  # output channels per block; the number of blocks is len(channels)
@@ -35,7 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "padding": 0,  # int or "same"; not given: 0, or "same" where unpadded convs cannot fit the input
     "pool": "max",  # per block: none | max | avg
     "pool_size": 2,  # pooling kernel = stride
-    "dropout": 0.0,  # per block, after its pooling
+    "dropout": 0.0,  # per block, after its pooling (see block_order)
     "dropout2d": False,  # block dropout drops whole channels (nn.Dropout2d)
     "batchnorm": False,  # a BatchNorm2d after every conv, each conv its own
     "activation": "relu",
@@ -43,6 +48,11 @@ DEFAULTS: dict[str, Any] = {
     "adaptive_size": 5,  # output side of an adaptive head
     "fc": [128],  # hidden widths of the classifier
     "fc_dropout": 0.0,  # after each hidden layer, before the next Linear
+    "fc_batchnorm": False,  # a BatchNorm1d after each hidden layer (after its dropout), each its own
+    # Where batchnorm and block dropout sit. The default: Conv -> BN -> act per conv, then pool,
+    # then dropout. "conv_act_dropout_bn_pool": Conv -> act -> dropout -> BN per conv, then pool
+    # (the dropout is per conv, before the pool).
+    "block_order": BLOCK_ORDERS[0],
 }
 
 # A check is (predicate, what the value must be); the message names the key that failed it.
@@ -78,6 +88,8 @@ SCALARS: dict[str, Check] = {
     "head": _one_of(HEADS),
     "adaptive_size": POSITIVE_INT,
     "fc_dropout": PROBABILITY,
+    "fc_batchnorm": BOOL,
+    "block_order": _one_of(BLOCK_ORDERS),
 }
 
 
@@ -161,14 +173,22 @@ def _assemble(in_shape: tuple[int, int, int], num_classes: int, params: dict[str
     block_dropout = nn.Dropout2d if p["dropout2d"] else nn.Dropout
     size = in_shape[1:]
     channels = in_shape[0]
+    notebook_order = p["block_order"] == "conv_act_dropout_bn_pool"
     features: list[nn.Module] = []
     for b, width in enumerate(p["channels"]):
         k, pad = p["kernel_size"][b], p["padding"][b]
         for _ in range(p["convs"][b]):
             features.append(nn.Conv2d(channels, width, k, padding=pad))
-            if p["batchnorm"]:
-                features.append(nn.BatchNorm2d(width))  # a fresh one per conv, never shared
-            features.append(activation())
+            if notebook_order:
+                features.append(activation())
+                if p["dropout"][b] > 0:
+                    features.append(block_dropout(p["dropout"][b]))
+                if p["batchnorm"]:
+                    features.append(nn.BatchNorm2d(width))  # a fresh one per conv, never shared
+            else:
+                if p["batchnorm"]:
+                    features.append(nn.BatchNorm2d(width))  # a fresh one per conv, never shared
+                features.append(activation())
             channels = width
             size = tuple(s if pad == "same" else s + 2 * pad - k + 1 for s in size)
             _check_fits(name, b, in_shape, size)
@@ -177,7 +197,7 @@ def _assemble(in_shape: tuple[int, int, int], num_classes: int, params: dict[str
             features.append(pool(p["pool_size"]))
             size = tuple(s // p["pool_size"] for s in size)
             _check_fits(name, b, in_shape, size)
-        if p["dropout"][b] > 0:
+        if p["dropout"][b] > 0 and not notebook_order:
             features.append(block_dropout(p["dropout"][b]))
 
     head: list[nn.Module] = []
@@ -194,6 +214,8 @@ def _assemble(in_shape: tuple[int, int, int], num_classes: int, params: dict[str
         classifier += [nn.Linear(width_in, width), activation()]
         if p["fc_dropout"] > 0:
             classifier.append(nn.Dropout(p["fc_dropout"]))
+        if p["fc_batchnorm"]:
+            classifier.append(nn.BatchNorm1d(width))  # a fresh one per hidden layer, never shared
         width_in = width
     classifier.append(nn.Linear(width_in, num_classes))
 

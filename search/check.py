@@ -123,7 +123,7 @@ def footprint(cfg: Any, in_shape: tuple[int, int, int], num_classes: int) -> Foo
                        if isinstance(t, torch.Tensor))
 
     same_shape = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.Identity,
-                  nn.Dropout, nn.Dropout2d, nn.BatchNorm2d)
+                  nn.Dropout, nn.Dropout2d, nn.BatchNorm1d, nn.BatchNorm2d)
     for module in model.modules():
         if not any(True for _ in module.children()):  # leaves: containers would count their children twice
             module.register_forward_hook(record)
@@ -218,11 +218,12 @@ def _shape_only(module: Any, model_name: str):
     import models
 
     def forward(x):
-        if isinstance(module, nn.BatchNorm2d) and module.training and x.numel() // max(1, x.shape[1]) <= 1:
+        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and module.training and x.numel() // max(1, x.shape[1]) <= 1:
             # what F.batch_norm raises in training (ValueError, a crashed trial); here it is the config's
             raise models.ModelConfigError(
-                f"{model_name}: {_BATCH_TOO_SMALL} in a training batch, got a "
-                f"batch of {x.shape[0]} with {x.shape[2]}x{x.shape[3]} feature maps; use a larger batch_size")
+                f"{model_name}: {_BATCH_TOO_SMALL} in a training batch, got a batch of {x.shape[0]}"
+                + (f" with {x.shape[2]}x{x.shape[3]} feature maps" if x.dim() == 4 else "")
+                + "; use a larger batch_size")
         return x
 
     return forward

@@ -42,6 +42,8 @@ def _cases():
                               "batchnorm": True, "activation": "gelu", "head": "adaptive_max", "adaptive_size": 3,
                               "dropout": 0.1, "dropout2d": True, "fc": [32, 16], "fc_dropout": 0.2}
     yield "convnet", MNIST, {"channels": [4], "kernel_size": 4, "pool_size": 3, "fc": []}
+    yield "convnet", DIGITS, {"channels": [4, 8], "convs": [2, 1], "padding": 1, "block_order": "conv_act_dropout_bn_pool",
+                              "batchnorm": True, "dropout": [0.1, 0.0], "fc": [16, 8], "fc_batchnorm": True}
 
 
 @pytest.mark.parametrize("name,in_shape,params", list(_cases()), ids=lambda v: str(v))
@@ -87,7 +89,8 @@ EXPECTED_PARAMS = {
     "cifar_sixconv_dropout": SIXCONV,
     "cifar_sixconv_bn": SIXCONV + bn(32) + bn(32) + bn(64) + bn(64) + bn(128) + bn(128),
     "cifar_threeconv": THREECONV,
-    "cifar_threeconv_bn": THREECONV + bn(16) + bn(32) + bn(64),
+    # the notebook's final network: a BatchNorm2d per conv and a BatchNorm1d after the fc 100
+    "cifar_threeconv_bn": THREECONV + bn(16) + bn(32) + bn(64) + bn(100),
 }
 
 
@@ -102,6 +105,8 @@ def test_known_counts_from_the_notebooks_and_lenet():
     assert EXPECTED_PARAMS["mnist_pool"] == EXPECTED_PARAMS["mnist_adaptive"] == 225_034
     assert EXPECTED_PARAMS["mnist_adaptive3"] == 93_962
     assert EXPECTED_PARAMS["mnist_adaptive7"] == 421_642
+    assert EXPECTED_PARAMS["cifar_threeconv"] == 434_294
+    assert EXPECTED_PARAMS["cifar_threeconv_bn"] == 434_718  # the three-conv notebook's final network
     lenet = conv(1, 6, 5) + conv(6, 16, 5) + linear(16 * 5 * 5, 120) + linear(120, 84) + linear(84, 10)
     assert lenet == 61_706  # the classic LeNet-5 figure
     assert count_parameters(build("lenet5", MNIST)) == lenet
@@ -141,6 +146,9 @@ def test_unknown_model_lists_valid_names():
     ("convnet", {"batchnorm": "yes"}, "batchnorm"),
     ("convnet", {"fc_dropout": 1.0}, "fc_dropout"),
     ("convnet", {"pool_size": True}, "pool_size"),
+    ("convnet", {"fc_batchnorm": 1}, "fc_batchnorm"),
+    ("convnet", {"block_order": "conv_act_bn_pool"}, "block_order"),
+    ("cifar_threeconv_bn", {"block_order": None}, "block_order"),
     ("convnet", {"chanels": [8]}, "chanels"),
     ("cifar_sixconv", {"pool": "maxx"}, "pool"),
     ("lenet5", {"activaton": "relu"}, "activaton"),
@@ -183,7 +191,8 @@ def test_padding_not_given_is_unpadded_where_that_fits_and_same_where_not():
 
 
 def test_each_conv_has_its_own_batchnorm():
-    for name, params in [("cifar_sixconv_bn", {}), ("cifar_threeconv_bn", {}), ("convnet", {"batchnorm": True})]:
+    for name, params in [("cifar_sixconv_bn", {}), ("cifar_threeconv_bn", {}), ("convnet", {"batchnorm": True}),
+                         ("convnet", {"batchnorm": True, "block_order": "conv_act_dropout_bn_pool", "convs": 2})]:
         model = build(name, **params)
         layers = list(model.features)  # a plain list keeps repeats, unlike model.modules()
         convs = [m for m in layers if isinstance(m, nn.Conv2d)]
@@ -191,8 +200,139 @@ def test_each_conv_has_its_own_batchnorm():
         assert len(norms) == len(convs) > 0
         assert len({id(m) for m in norms}) == len(norms), "a BatchNorm2d is shared between convs"
         for i, layer in enumerate(layers):
-            if isinstance(layer, nn.Conv2d):
-                assert layers[i + 1].num_features == layer.out_channels
+            if isinstance(layer, nn.Conv2d):  # the next norm, before any other conv, is this conv's
+                following = [m for m in layers[i + 1:] if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
+                assert isinstance(following[0], nn.BatchNorm2d), f"{name}: conv {i} has no batchnorm of its own"
+                assert following[0].num_features == layer.out_channels
+
+
+def _notebook_threeconv_bn() -> nn.Sequential:
+    """The three-conv notebook's final network, typed out by hand as the notebook has it."""
+    def block(cin, cout):
+        return [nn.Conv2d(cin, cout, kernel_size=3, padding=1), nn.LeakyReLU(), nn.Dropout2d(0.2), nn.BatchNorm2d(cout)]
+
+    return nn.Sequential(
+        *block(3, 16),
+        *block(16, 32), nn.MaxPool2d(2),
+        *block(32, 64), nn.MaxPool2d(2),  # 32 -> 32 -> 16 -> 8: 64 * 8 * 8 = 4096 features
+        nn.Flatten(),
+        nn.Linear(4096, 100), nn.LeakyReLU(), nn.Dropout(0.2), nn.BatchNorm1d(100),
+        nn.Linear(100, 10),
+    )
+
+
+def _layer_signature(model: nn.Module) -> list[tuple]:
+    """Every leaf layer in order, with the hyperparameters that define it."""
+    keys = {
+        nn.Conv2d: ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"),
+        nn.BatchNorm2d: ("num_features", "eps", "momentum", "affine", "track_running_stats"),
+        nn.BatchNorm1d: ("num_features", "eps", "momentum", "affine", "track_running_stats"),
+        nn.Linear: ("in_features", "out_features"),
+        nn.LeakyReLU: ("negative_slope",),
+        nn.Dropout: ("p",), nn.Dropout2d: ("p",),
+        nn.MaxPool2d: ("kernel_size", "stride", "padding", "ceil_mode"),
+        nn.Flatten: ("start_dim", "end_dim"),
+    }
+    leaves = [m for m in model.modules() if not list(m.children())]
+    unknown = {type(m).__name__ for m in leaves} - {t.__name__ for t in keys}
+    assert not unknown, f"no signature for {unknown}"
+    return [(type(m).__name__, *((k, getattr(m, k)) for k in keys[type(m)])) for m in leaves]
+
+
+def test_cifar_threeconv_bn_is_the_notebooks_final_network():
+    torch.manual_seed(0)
+    notebook, preset = _notebook_threeconv_bn(), build("cifar_threeconv_bn")
+    assert count_parameters(notebook) == count_parameters(preset) == 434_718
+    assert _layer_signature(preset) == _layer_signature(notebook)
+    assert [t.shape for t in preset.state_dict().values()] == [t.shape for t in notebook.state_dict().values()]
+    # Same weights, same function: copy the hand-built net's state into the preset by position.
+    preset.load_state_dict(dict(zip(preset.state_dict(), notebook.state_dict().values())))
+    x = torch.randn(4, *CIFAR)
+    with torch.no_grad():
+        assert torch.allclose(preset.eval()(x), notebook.eval()(x))
+
+
+def test_cifar_threeconv_bn_keeps_its_search_options():
+    """Overrides still reach the notebook-order layers; batchnorm and fc_batchnorm switch the
+    2d and 1d norms off independently."""
+    model = build("cifar_threeconv_bn", dropout=[0.0, 0.3, 0.4], fc_dropout=0.5)
+    assert [m.p for m in model.features if isinstance(m, nn.Dropout2d)] == [0.3, 0.4]
+    assert [m.p for m in model.classifier if isinstance(m, nn.Dropout)] == [0.5]
+    model = build("cifar_threeconv_bn", batchnorm=False, fc_batchnorm=False)
+    assert not any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in model.modules())
+    assert count_parameters(model) == THREECONV
+    assert count_parameters(build("cifar_threeconv_bn", fc=[64])) == (
+        conv(3, 16) + conv(16, 32) + conv(32, 64) + bn(16) + bn(32) + bn(64)
+        + linear(64 * 8 * 8, 64) + bn(64) + linear(64, 10))
+    # The old conv -> bn -> act layout is one override away (and is what cifar_threeconv + batchnorm gives).
+    old = build("cifar_threeconv_bn", block_order="conv_bn_act_pool_dropout", dropout=[0.0, 0.2, 0.2],
+                fc_dropout=0.0, fc_batchnorm=False)
+    assert _layer_signature(old) == _layer_signature(build("cifar_threeconv", batchnorm=True))
+    assert count_parameters(old) == 434_518
+
+
+# Variations every convnet-based model accepts: each adds or moves modules that could be shared.
+SHARING_VARIATIONS = [
+    {},
+    {"batchnorm": True},
+    {"batchnorm": True, "fc_batchnorm": True, "fc_dropout": 0.1},
+    {"batchnorm": True, "block_order": "conv_act_dropout_bn_pool", "dropout": 0.1, "dropout2d": True},
+    {"batchnorm": True, "convs": 2, "dropout": 0.1},
+]
+
+
+def _sharing_cases():
+    for name in list_models():
+        shapes = [MNIST] if name.startswith("mnist_") else [CIFAR] if name.startswith("cifar_") else [DIGITS, CIFAR]
+        for in_shape in shapes:
+            for params in SHARING_VARIATIONS:
+                yield name, in_shape, params
+
+
+def assert_nothing_shared(model: nn.Module) -> None:
+    """No module object in two places, no parameter or buffer tensor (or its storage) in two places."""
+    seen: dict[int, str] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        assert id(module) not in seen, f"module {path or '<root>'} is the same object as {seen[id(module)] or '<root>'}"
+        seen[id(module)] = path
+    for kind, tensors in (("parameter", model.named_parameters(remove_duplicate=False)),
+                          ("buffer", model.named_buffers(remove_duplicate=False))):
+        ids: dict[int, str] = {}
+        storages: dict[int, str] = {}
+        for path, t in tensors:
+            assert id(t) not in ids, f"{kind} {path} is the same tensor as {ids[id(t)]}"
+            ids[id(t)] = path
+            if t.numel():
+                ptr = t.untyped_storage().data_ptr()
+                assert ptr not in storages, f"{kind} {path} shares storage with {storages[ptr]}"
+                storages[ptr] = path
+
+
+def test_the_sharing_check_catches_a_shared_batchnorm():
+    """The seed notebooks' bug: one BatchNorm2d object used after two convs."""
+    norm = nn.BatchNorm2d(8)
+    with pytest.raises(AssertionError, match="same object"):
+        assert_nothing_shared(nn.Sequential(nn.Conv2d(3, 8, 3), norm, nn.ReLU(), nn.Conv2d(8, 8, 3), norm))
+    tied = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    tied[1].weight = tied[0].weight
+    with pytest.raises(AssertionError, match="same tensor"):
+        assert_nothing_shared(tied)
+    views = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    views[1].weight = nn.Parameter(views[0].weight.detach())  # a new Parameter on the same storage
+    with pytest.raises(AssertionError, match="shares storage"):
+        assert_nothing_shared(views)
+
+
+def test_every_cifar_preset_is_covered_by_the_sharing_check():
+    cifar = {name for name, _, _ in _sharing_cases() if name.startswith("cifar_")}
+    assert {"cifar_sixconv", "cifar_sixconv_dropout", "cifar_sixconv_bn", "cifar_threeconv",
+            "cifar_threeconv_bn"} <= cifar
+    assert set(list_models()) == {name for name, _, _ in _sharing_cases()}
+
+
+@pytest.mark.parametrize("name,in_shape,params", list(_sharing_cases()), ids=lambda v: str(v))
+def test_no_model_shares_a_module_or_parameter(name, in_shape, params):
+    assert_nothing_shared(build(name, in_shape, **params))
 
 
 @pytest.mark.parametrize("size", [3, 5, 7])
