@@ -338,7 +338,8 @@ def _work(name: str, storage, device: str, quiet: bool, worker_index: Optional[i
 
             def on_trial(study, trial):
                 bars.console.print(_trial_line(study, trial), markup=False)
-                bars.update(trials_bar, completed=count_trials(study, ("COMPLETE", "PRUNED")))
+                if "job" not in trial.user_attrs:  # a search trial, not a final-stage job
+                    bars.update(trials_bar, completed=count_trials(study, ("COMPLETE", "PRUNED")))
                 bars.update(epoch_bar, completed=0)
 
             result = run_worker(name, store, device=device, worker_index=worker_index, data_dir=data_dir,

@@ -224,8 +224,13 @@ def advance(child: optuna.Study, spec, store: CheckpointStore | None) -> str:
     if SEEDS_ATTR not in attrs:
         holder = {"host": socket.gethostname(), "pid": os.getpid(),
                   "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        if any(k.startswith(SEEDS_CLAIM) for k in attrs) or claim_numbered_attr(child, SEEDS_CLAIM, holder) != 0:
+        claims = [v for k, v in attrs.items() if k.startswith(SEEDS_CLAIM)]
+        if claims and not _stale_claim(claims):
             return "wait"  # another worker is queueing them
+        if not claims and claim_numbered_attr(child, SEEDS_CLAIM, holder) != 0:
+            return "wait"
+        # First, or taking over from a claimer that died before it finished: a seed run queued
+        # twice is harmless, its second copy stops as a duplicate (`duplicate_of`).
         _enqueue_seeds(child, spec, store)
         return "work" if SEEDS_ATTR in child.user_attrs and child.user_attrs[SEEDS_ATTR] is not None else "done"
     seeds = _latest(trials, "seed").values()
@@ -234,6 +239,12 @@ def advance(child: optuna.Study, spec, store: CheckpointStore | None) -> str:
     if any(t.state == TrialState.RUNNING or _retry_coming(t) for t in seeds):
         return "wait"
     return "done"
+
+
+def _stale_claim(claims: list[dict]) -> bool:
+    """Whether the newest claim to queue the seed runs is older than WAIT_FOR_CREATOR seconds."""
+    newest = max(datetime.fromisoformat(c["at"]) for c in claims)
+    return (datetime.now(timezone.utc) - newest).total_seconds() > WAIT_FOR_CREATOR
 
 
 def _enqueue_seeds(child: optuna.Study, spec, store: CheckpointStore | None) -> None:
@@ -464,10 +475,11 @@ def summary_line(res: dict) -> str:
         std = f" ± {res['test_std']:.2%}" if res["test_std"] is not None else ""
         chosen = res["chosen"]
         src = f"trial {chosen['source_trial']}" if chosen and chosen["source_trial"] is not None else "the start"
+        tested = sum(s["test_acc"] is not None for s in res["seeds"])
+        of = "" if tested == len(res["seeds"]) else f" of {len(res['seeds'])}"
         state = "" if res["done"] else " so far"
-        return (f"final: test acc {res['test_mean']:.2%}{std} over {len(res['seeds']) if res['done'] else n_seeds} "
-                f"seed{'s' if n_seeds != 1 else ''}{state} ({src}, chosen from {len(res['finalists'])} finalists "
-                f"on validation)")
+        return (f"final: test acc {res['test_mean']:.2%}{std} over {tested}{of} seed{'s' if tested != 1 else ''}"
+                f"{state} ({src}, chosen from {len(res['finalists'])} finalists on validation)")
     fin_done = sum(f["state"] in ("COMPLETE", "PRUNED", "FAIL") for f in res["finalists"])
     if res["chosen"] is None:
         if res["done"]:

@@ -264,3 +264,20 @@ def test_warm_start_from_a_missing_study_is_one_line_and_creates_nothing(tmp_pat
     result = CliRunner().invoke(app, ["create", str(path), "--storage", url])
     assert_one_line_error(result, "warm_start.study: no study named 'nope'")
     assert study_mod.list_studies(url) == []
+
+
+def test_a_job_stands_for_its_best_trial_and_duplicates_are_found():
+    """Retries of one dead job: the completed copy stands for the job, a later copy is a duplicate."""
+    make = lambda n, state, value=None: optuna.trial.create_trial(  # noqa: E731
+        state=state, value=value, user_attrs={"role": "finalist", "job": "finalist:0"})
+    trials = [make(0, TrialState.FAIL), make(1, TrialState.COMPLETE, 0.9), make(2, TrialState.RUNNING)]
+    for k, t in enumerate(trials):
+        t.number = k
+    assert finalstage._latest(trials, "finalist")["finalist:0"].number == 1
+    assert finalstage.duplicate_of(trials[2], trials) == 1
+    assert finalstage.duplicate_of(trials[1], trials[:2]) is None
+    running = [make(0, TrialState.FAIL), make(1, TrialState.RUNNING), make(2, TrialState.RUNNING)]
+    for k, t in enumerate(running):
+        t.number = k
+    assert finalstage.duplicate_of(running[2], running) == 1  # the earlier copy goes on
+    assert finalstage.duplicate_of(running[1], running) is None
