@@ -240,9 +240,10 @@ GraceOpt = Annotated[Optional[int], typer.Option(
     min=1, envvar="CNNSEARCH_GRACE", help="Seconds without a heartbeat after which a running trial "
     "counts as dead: failed and retried once (default 60).")]
 ArtifactsOpt = Annotated[Optional[str], typer.Option(
-    "--artifacts", envvar="CNNSEARCH_ARTIFACTS", help="Directory (local or shared) for trial checkpoints, "
+    "--artifacts", envvar="CNNSEARCH_ARTIFACTS", help="Directory (local or shared) or s3://bucket/prefix "
+    "(AWS S3, MinIO: endpoint and credentials from boto3's AWS_* variables or ~/.aws) for trial checkpoints, "
     "saved every epoch so that a retried trial resumes (default: <db stem>-artifacts beside a SQLite "
-    "database; none for other storage; 'none': off).")]
+    "database; none for other storage; 'none': off). Checked writable before the first trial.")]
 
 
 def _fmt_params(params: dict) -> str:
@@ -265,12 +266,13 @@ def _trial_line(study, trial) -> str:
 
 def _job_name(attrs: dict) -> str:
     """'finalist 2 (search trial 8)', 'seed 1 of trial 8', or '' for a search trial."""
-    role, source = attrs.get("role"), attrs.get("source_trial")
+    job = str(attrs.get("job") or "")  # a trial's user attrs, or a row of finalstage.results
+    role, source = attrs.get("role") or job.partition(":")[0], attrs.get("source_trial")
     of = f"trial {source}" if source is not None else "the start"
     if role == "finalist":
         return f"finalist ({of}{', the start' if attrs.get('baseline') and source is not None else ''})"
     if role == "seed":
-        return f"seed {attrs.get('seed_index', 0)} of {of}"
+        return f"seed {attrs.get('seed_index', job.partition(':')[2] or 0)} of {of}"
     return ""
 
 
@@ -311,7 +313,7 @@ def _work(name: str, storage, device: str, quiet: bool, worker_index: Optional[i
     beats = {k: v for k, v in (("heartbeat_interval", heartbeat), ("grace_period", grace)) if v}
     store = open_store(storage, create=False, **beats)  # `run` passes the Store it created
     study, spec = study_mod.load(name, store)
-    checkpoints = open_artifacts(store.url, artifacts)  # None: off
+    checkpoints = open_artifacts(store.url, artifacts, probe=True)  # None: off; unwritable: one line
     worker_index = claim_worker_index(study, worker_index)  # None: the next one no worker has used
     seed = sampler_seed(spec, worker_index)
     out.print(f"worker for {name!r} on {store.shown}, device {device}, budget {spec.n_trials} trials; "
@@ -389,12 +391,14 @@ def create(
     force: Annotated[bool, typer.Option("--force", help="With --replace: delete even while workers run "
                                         "trials of the old study (they stop with one line).")] = False,
     data_dir: StudyDataDirOpt = None,
+    artifacts: ArtifactsOpt = None,
 ) -> None:
     """Validate a study file and create the study in storage (idempotent for the same file)."""
     import optuna
 
     from search import spec as spec_mod
     from search import study as study_mod
+    from search.artifacts import open_artifacts
     from search.storage import open_store
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # this command prints its own line
@@ -402,6 +406,7 @@ def create(
         raise UserError("--force goes with --replace")
     spec = spec_mod.load_spec(study_file, set_, data_dir=data_dir)
     store = open_store(storage, heartbeat_interval=None)
+    open_artifacts(store.url, artifacts, probe=True)  # a store its workers cannot write: one line, no study
     made = study_mod.create(spec, store, replace=replace, force=force, data_dir=data_dir)
     for line in made.warnings:
         err.print(f"warning: {line}", markup=False)
@@ -436,11 +441,13 @@ def run(
 
     from search import spec as spec_mod
     from search import study as study_mod
+    from search.artifacts import open_artifacts
     from search.storage import open_store
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created": the worker says it
     spec = spec_mod.load_spec(study_file, set_, data_dir=data_dir)
     store = open_store(storage)  # a worker's: heartbeat on
+    open_artifacts(store.url, artifacts, probe=True)  # as create does: one line, before the study
     for line in study_mod.create(spec, store, data_dir=data_dir).warnings:
         err.print(f"warning: {line}", markup=False)
     try:
@@ -539,7 +546,7 @@ def status(name: Annotated[str, typer.Argument(help="Study name.")], storage: St
     for r in final["finalists"] + final["seeds"] if final else []:
         if r["state"] == "RUNNING":
             out.print(f"  running: final {_job_name(r)} on {r['host']} {r['device']}, "
-                      f"{len(r['history'])} epochs done of {r['epochs']}", markup=False)
+                      f"{r['epochs_done']} epochs done of {r['epochs']}", markup=False)
     _print_disk_use(name, store.url, artifacts)
 
 

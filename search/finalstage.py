@@ -440,6 +440,7 @@ def results(parent: optuna.Study, spec) -> dict | None:
                 "seed": a.get("seed"), "test_acc": a.get("test_acc"), "n_params": a.get("n_params"),
                 "seconds": a.get("train_seconds"), "stop_reason": a.get("stop_reason"), "error": a.get("error"),
                 "model": a.get("model"), "epochs": a.get("epochs"), "history": a.get("history", []),
+                "epochs_done": len(t.intermediate_values),
                 "reused_from": a.get("reused_from"), "params": dict(t.params), "host": a.get("host"),
                 "device": a.get("device")}
 

@@ -326,7 +326,7 @@ def run_worker(name: str, store: Store | str | None = None, *, device: str = "au
     spec = spec_mod.with_data_dir(spec, data_dir)  # the data is this machine's, not the study's
     _preflight(spec)
     if not isinstance(artifacts, CheckpointStore):
-        artifacts = open_artifacts(url, artifacts)
+        artifacts = open_artifacts(url, artifacts, probe=True)  # unwritable: one line before the first trial
     watch_study(study)
     index = claim_worker_index(study, seed_offset if worker_index is None else worker_index)
     seed = sampler_seed(spec, index)

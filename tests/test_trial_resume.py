@@ -175,8 +175,9 @@ def test_where_the_artifact_store_is(tmp_path, monkeypatch):
     monkeypatch.setenv(artifacts.ARTIFACTS_ENV, str(tmp_path / "env"))
     assert artifacts.artifact_dir("postgresql+psycopg://u@host/db") == tmp_path / "env"
     assert artifacts.artifact_dir(f"sqlite:///{db}", tmp_path / "given") == tmp_path / "given"
+    assert artifacts.artifact_dir(f"sqlite:///{db}", "s3://bucket/checkpoints/") == "s3://bucket/checkpoints"
     with pytest.raises(CnnsearchError, match="only a directory"):
-        artifacts.artifact_dir(f"sqlite:///{db}", "s3://bucket/checkpoints")
+        artifacts.artifact_dir(f"sqlite:///{db}", "gs://bucket/checkpoints")
 
 
 def test_finished_trials_leave_no_checkpoints(tmp_path, monkeypatch):
