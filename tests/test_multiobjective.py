@@ -256,5 +256,6 @@ def test_a_single_objective_study_prunes_a_trial_over_a_limit_untrained(tmp_path
 
 
 def test_shipped_pareto_studies_load():
-    spec = load_spec(SHIPPED / "digits_pareto.toml")
-    assert [o.name for o in spec.objectives] == ["val_acc", "n_params"]
+    for name in ("digits_pareto", "mnist_pareto"):
+        spec = load_spec(SHIPPED / f"{name}.toml")
+        assert [o.name for o in spec.objectives] == ["val_acc", "n_params"] and spec.final is None
