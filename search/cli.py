@@ -659,7 +659,7 @@ def export_(
     from search.storage import open_store
 
     if sum((trial is not None, rank != 1, pick is not None)) > 1:
-        raise UserError("give one of --trial, --rank and --pick")
+        raise UserError("give --trial or --rank or --pick, not two of them")
     if model is not None and (trial is not None or rank != 1 or pick is not None):
         raise UserError("--model writes the final stage's model; it does not go with --trial, --rank or --pick")
     storage = open_store(storage, heartbeat_interval=None, create=False)  # once, for both files

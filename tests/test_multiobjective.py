@@ -228,7 +228,7 @@ def test_export_pick_and_the_line_when_no_trial_meets_it(ran):
     assert_one_line_error(none, f"--pick max_params=10: no Pareto trial has n_params <= 10; the smallest is trial "
                                 f"{smallest.number} with {smallest.values[1]:,.0f}")
     assert_one_line_error(runner.invoke(app, ["export", "mo", "--storage", url, "--pick", "knee", "--rank", "2"]),
-                          "give one of --trial, --rank and --pick")
+                          "give --trial or --rank or --pick, not two")
 
 
 def test_report_of_a_multi_objective_study_has_the_front(ran):
