@@ -483,8 +483,6 @@ def budget_warnings(spec: Any) -> tuple[str, ...]:
         found.append(f"sampler.kwargs.n_startup_trials: {startup} random start-up trials take the whole budget "
                      f"of {spec.n_trials} (study.n_trials), so {spec.sampler.name} never uses what it learns; "
                      "lower n_startup_trials or raise n_trials")
-    if len(spec.objectives) > 1:  # no pruning in multi-objective studies: nothing to say about the pruner
-        return tuple(found)
     pruner = getattr(optuna.pruners, spec.pruner.name)
     warmup = setting("pruner", pruner, "n_warmup_steps", spec.pruner.kwargs)
     if isinstance(warmup, int) and warmup >= epochs - 1:

@@ -22,7 +22,7 @@ import models
 from search import costs, datasets, engine, space
 from search.artifacts import CheckpointStore, TrialCheckpoint
 from search.errors import first_line
-from search.objectives import WORST
+from search.objectives import WORST, poor_for_its_size
 from search.storage import connection_problem, count_trials, stored_trial
 
 EpochProgress = Callable[[int, int, dict], None]  # (trial number, epoch, metrics)
@@ -38,8 +38,8 @@ def make_objective(spec, *, device: str = "auto", on_epoch: EpochProgress | None
     """The function a worker hands to `study.optimize`.
 
     A multi-objective study (`spec.multi`) returns one value per objective, in the spec's order;
-    Optuna refuses `trial.report` there, so its trials never prune: the learning curve goes to
-    the user attr `curve` instead. A trial over a per-trial limit (`spec.limits`: max_macs,
+    Optuna refuses `trial.report` there: the learning curve goes to the user attr `curve`
+    instead, and a trial is pruned when it is poor for its size (`objectives.poor_for_its_size`). A trial over a per-trial limit (`spec.limits`: max_macs,
     max_latency_ms) is not trained: completed with the worst learned value and its static values
     in a multi-objective study, pruned in a single-objective one; either way with user attrs
     `infeasible` (why) and `constraints` (Optuna's: > 0 violated), which the sampler reads.
@@ -57,6 +57,11 @@ def make_objective(spec, *, device: str = "auto", on_epoch: EpochProgress | None
     metric = goal.name
     multi = spec.multi
     static = bool(spec.multi or spec.limits)  # costs measured before training (search/costs.py)
+    # Multi-objective pruning (objectives.poor_for_its_size): on unless the pruner is NopPruner,
+    # with MedianPruner's settings as the pruner section gives them.
+    by_size = multi and spec.pruner.name != "NopPruner"
+    min_peers = spec.pruner.kwargs.get("n_startup_trials", 5)
+    warmup = spec.pruner.kwargs.get("n_warmup_steps", 0)
 
     def values_of(learned: float, measured: dict) -> tuple[float, ...]:
         return tuple(learned if o.learned else measured[o.name] for o in spec.objectives)
@@ -86,6 +91,15 @@ def make_objective(spec, *, device: str = "auto", on_epoch: EpochProgress | None
                 trial.set_user_attr("epoch_seconds", epoch_seconds)
                 trial.set_user_attr("stop_reason", f"pruned after epoch {epoch + 1}")  # shown: from 1
                 raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} at {metric} {m[metric]:.4f}")
+            poor = by_size and epoch >= warmup and poor_for_its_size(
+                m[metric], epoch, measured["n_params"],
+                trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)), goal, min_peers)
+            if poor:
+                trial.set_user_attr("epoch_seconds", epoch_seconds)
+                why = (f"pruned after epoch {epoch + 1}: {metric} {m[metric]:.4f}, worse than the median "
+                       f"{poor[0]:.4f} of {poor[1]} trials of similar size")
+                trial.set_user_attr("stop_reason", why)
+                raise optuna.TrialPruned(why)
 
         try:  # from the first suggest on: an error anywhere is this trial's crash, with its one line
             for key, value in (trial_attrs or {}).items():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -148,6 +149,30 @@ def best(trials: Iterable[FrozenTrial], objectives: Sequence[Objective]) -> Froz
     """The best completed trial (with several objectives: the front's best learned value), or None."""
     order = ranked(trials, objectives)
     return order[0] if order else None
+
+
+SIZE_BAND = 2.0  # multi-objective pruning: peers are completed trials within this factor of a trial's n_params
+
+
+def poor_for_its_size(value: float, epoch: int, n_params: int, trials: Iterable[FrozenTrial], goal: Objective,
+                      min_peers: int) -> tuple[float, int] | None:
+    """The pruning rule of multi-objective studies (Optuna forbids trial.report there): a trial's
+    learned `value` at `epoch` against the same epoch of the `curve`s of the feasible completed
+    trials of similar size (n_params within a factor SIZE_BAND either way), a median rule within
+    a size band, so that a small network is not pruned for being less accurate than big ones.
+
+    Returns:
+        (the peers' median, how many peers) when `value` is worse than that median and there are
+        at least `min_peers` peers (and one); else None: go on training.
+    """
+    peers = [t.user_attrs["curve"][epoch] for t in trials
+             if t.state == TrialState.COMPLETE and feasible(t) and len(t.user_attrs.get("curve") or ()) > epoch
+             and n_params / SIZE_BAND <= t.user_attrs.get("n_params", -1) <= n_params * SIZE_BAND]
+    if len(peers) < max(1, min_peers):
+        return None
+    median = statistics.median(peers)
+    worse = value < median if goal.maximize else value > median
+    return (median, len(peers)) if worse else None
 
 
 def metric_value(trial: FrozenTrial, objectives: Sequence[Objective], metric: str) -> float | None:

@@ -255,6 +255,43 @@ def test_a_single_objective_study_prunes_a_trial_over_a_limit_untrained(tmp_path
     assert len(kept.intermediate_values) == 2 and kept.user_attrs["constraints"][0] <= 0
 
 
+def test_poor_for_its_size_is_a_median_rule_among_completed_trials_of_similar_size():
+    goal = objectives.Objective("val_acc", "maximize")
+
+    def done(number, n_params, curve, **attrs):
+        return _trial(number, [max(curve), n_params], n_params=n_params, curve=curve, **attrs)
+
+    trials = [done(0, 1000, [0.5, 0.8]), done(1, 1500, [0.6, 0.9]), done(2, 600, [0.4, 0.7]),
+              done(3, 100_000, [0.99, 0.99]),  # ten times the size: not a peer
+              done(4, 1000, [0.99, 0.99], infeasible="macs over")]  # infeasible: not a peer
+    assert objectives.poor_for_its_size(0.45, 0, 1000, trials, goal, min_peers=3) == (0.5, 3)
+    assert objectives.poor_for_its_size(0.5, 0, 1000, trials, goal, min_peers=3) is None  # the median itself
+    assert objectives.poor_for_its_size(0.45, 0, 1000, trials, goal, min_peers=4) is None  # too few peers
+    assert objectives.poor_for_its_size(0.85, 1, 1000, trials, goal, min_peers=1) is None
+    assert objectives.poor_for_its_size(0.9, 0, 90_000, trials, goal, min_peers=1) == (0.99, 1)
+    loss = objectives.Objective("val_loss", "minimize")
+    assert objectives.poor_for_its_size(0.9, 1, 1000, trials, loss, min_peers=1) == (0.8, 3)
+
+
+def test_a_multi_objective_study_prunes_a_trial_poor_for_its_size(tmp_path):
+    from search import study as study_mod
+    from search.worker import run_worker
+
+    path = tmp_path / "mp.toml"
+    path.write_text(STUDY_TEXT.replace('name = "mo"', 'name = "mp"').replace("n_trials = 4", "n_trials = 2")
+                    .replace("low = 3e-3", "low = 1e-7").replace("width = 16\nlr = 1e-2", "width = 4\nlr = 1e-2")
+                    .replace("width = 2\nlr = 1e-2", "width = 4\nlr = 1e-7")
+                    + '[pruner]\nname = "MedianPruner"\nkwargs = { n_startup_trials = 1, n_warmup_steps = 1 }\n')
+    url = f"sqlite:///{tmp_path / 'mp.db'}"
+    study_mod.create(load_spec(path), url)
+    run_worker("mp", url, device="cpu", worker_index=0, artifacts="none")
+    good, poor = optuna.load_study(study_name="mp", storage=url).get_trials()
+    assert good.state == optuna.trial.TrialState.COMPLETE and poor.params["lr"] == 1e-7
+    assert poor.state == optuna.trial.TrialState.PRUNED, poor.user_attrs
+    assert poor.user_attrs["stop_reason"].startswith("pruned after epoch 2: val_acc ")
+    assert "worse than the median" in poor.user_attrs["stop_reason"] and len(poor.user_attrs["curve"]) == 2
+
+
 def test_shipped_pareto_studies_load():
     for name in ("digits_pareto", "mnist_pareto"):
         spec = load_spec(SHIPPED / f"{name}.toml")
