@@ -39,10 +39,11 @@ def make_objective(spec, *, device: str = "auto", on_epoch: EpochProgress | None
 
     A multi-objective study (`spec.multi`) returns one value per objective, in the spec's order;
     Optuna refuses `trial.report` there: the learning curve goes to the user attr `curve`
-    instead, and a trial is pruned when it is poor for its size (`objectives.poor_for_its_size`). A trial over a per-trial limit (`spec.limits`: max_macs,
-    max_latency_ms) is not trained: completed with the worst learned value and its static values
-    in a multi-objective study, pruned in a single-objective one; either way with user attrs
-    `infeasible` (why) and `constraints` (Optuna's: > 0 violated), which the sampler reads.
+    instead, and a trial is pruned when it is poor for its size (`objectives.poor_for_its_size`).
+    A trial over a per-trial limit (`spec.limits`: max_macs, max_latency_ms) is not trained:
+    completed with the worst learned value and its static values in a multi-objective study,
+    pruned in a single-objective one; either way with user attrs `infeasible` (why) and
+    `constraints` (Optuna's: > 0 violated), which the sampler reads.
 
     Args:
         spec: the study's validated StudySpec.

@@ -183,7 +183,7 @@ def summary(name: str, store: Store | str | None = None) -> dict:
                 "device": t.user_attrs.get("device", "?"), "worker_index": t.user_attrs.get("worker_index"),
                 "sampler_seed": t.user_attrs.get("sampler_seed"),
                 "age_s": (now - t.datetime_start).total_seconds() if t.datetime_start else None,
-                "epochs": len(t.intermediate_values)}
+                "epochs": len(t.intermediate_values) or len(t.user_attrs.get("curve") or ())}
                for t in trials_in_state(study, optuna.trial.TrialState.RUNNING)]
     states = (optuna.trial.TrialState.COMPLETE,) + ((optuna.trial.TrialState.PRUNED,) if spec.limits else ())
     done = study.get_trials(deepcopy=False, states=states)
