@@ -355,10 +355,10 @@ def _stopping(exc: CnnsearchError) -> None:
 
 def _print_best(info: dict) -> None:
     best = info["best"]
-    if best is None:
+    if info.get("front") is not None:
+        _print_front(info) if info["front"] else out.print("no feasible completed trial yet")
+    elif best is None:
         out.print("no finished trial yet")
-    elif info.get("front") is not None:
-        _print_front(info)
     else:
         out.print(f"best trial {best['number']}: {info['spec'].metric} {best['value']:.4f}")
         out.print(f"  params: {_fmt_params(best['params'])}", markup=False)

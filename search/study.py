@@ -212,7 +212,7 @@ def best_trial(name: str, store: Store | str | None = None, number: int | None =
     if number is None:
         done = objectives.ranked(study.get_trials(deepcopy=False), spec.objectives)
         if not done:
-            raise StudyError(f"study {name!r} has no finished trial yet")
+            raise StudyError(f"study {name!r} has no {'feasible completed' if spec.multi else 'finished'} trial yet")
         if rank < 1 or rank > len(done):
             what = "trials on its Pareto front" if spec.multi else "completed trials"
             raise StudyError(f"--rank {rank}: study {name!r} has {len(done)} {what}")
