@@ -17,6 +17,7 @@ from search import check
 
 WARMUP_RUNS = 3  # untimed forward passes first: allocator, cuDNN autotuning, oneDNN primitives
 TIMED_RUNS = 10  # the latency is the median of these
+KEYS = {"macs": "max_macs", "latency_ms": "max_latency_ms"}  # each per-trial limit's study key
 
 
 def measure_latency_ms(cfg: Any, in_shape: tuple[int, int, int], num_classes: int, device: Any,
@@ -64,9 +65,6 @@ def violations(spec: Any, values: dict[str, float]) -> tuple[list[float], str | 
     broken = [f"{metric} {_fmt(values[metric])} > study.{KEYS[metric]} = {_fmt(limit)}"
               for (metric, limit), amount in zip(spec.limits, amounts) if amount > 0]
     return amounts, "; ".join(broken) or None
-
-
-KEYS = {"macs": "max_macs", "latency_ms": "max_latency_ms"}
 
 
 def record_constraints(trial: Any, spec: Any, amounts: list[float]) -> None:
