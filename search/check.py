@@ -50,6 +50,7 @@ class Footprint:
     params: int  # trainable parameters
     activation_bytes: int  # estimated activation memory of one training batch (see `footprint`)
     batch_bytes: int = 0  # the part of it that is the input batch and its padded copy
+    macs: int = 0  # multiply-accumulates per image in its Conv2d and Linear layers
 
 
 @dataclass(frozen=True)
@@ -116,11 +117,17 @@ def footprint(cfg: Any, in_shape: tuple[int, int, int], num_classes: int) -> Foo
     except Exception as err:  # noqa: BLE001 - a builder fed odd params (e.g. 2**63 channels) is still the params' fault
         raise models.ModelConfigError(f"{cfg.model}: cannot build it ({first_line(err)})") from None
     params = models.count_parameters(model)
-    outputs = []
+    outputs, macs = [], []
 
     def record(module, inputs, output):
         outputs.extend(t.numel() for t in (output if isinstance(output, (tuple, list)) else (output,))
                        if isinstance(t, torch.Tensor))
+        # each output element of a conv sums in_channels/groups x kernel products; of a linear, in_features
+        if isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            macs.append(output.numel() * (module.in_channels // module.groups) * kh * kw)
+        elif isinstance(module, nn.Linear):
+            macs.append(output.numel() * module.in_features)
 
     same_shape = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.Identity,
                   nn.Dropout, nn.Dropout2d, nn.BatchNorm1d, nn.BatchNorm2d)
@@ -152,7 +159,7 @@ def footprint(cfg: Any, in_shape: tuple[int, int, int], num_classes: int) -> Foo
     pixels = batch * in_shape[0] * in_shape[1] * in_shape[2]
     pad = getattr(cfg, "crop_padding", 0) or 0
     padded = batch * in_shape[0] * (in_shape[1] + 2 * pad) * (in_shape[2] + 2 * pad) if pad else 0
-    return Footprint(params, 4 * (2 * sum(outputs) + pixels + padded), 4 * (pixels + padded))
+    return Footprint(params, 4 * (2 * sum(outputs) + pixels + padded), 4 * (pixels + padded), sum(macs) // batch)
 
 
 def _linear_shape(module: Any):

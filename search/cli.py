@@ -254,7 +254,7 @@ def _trial_line(study, trial) -> str:
     from search.storage import count_trials
 
     done = count_trials(study, ("COMPLETE", "PRUNED"))
-    value = f"{trial.value:.4f}" if trial.value is not None else "-"
+    value = " ".join(f"{v:.4g}" if len(trial.values) > 1 else f"{v:.4f}" for v in trial.values) if trial.values else "-"
     why = trial.user_attrs.get("error") or trial.user_attrs.get("stop_reason", "")
     job = _job_name(trial.user_attrs)
     if job:  # a final-stage job (search/finalstage.py)
@@ -358,12 +358,37 @@ def _stopping(exc: CnnsearchError) -> None:
 
 def _print_best(info: dict) -> None:
     best = info["best"]
-    if best is None:
+    if info.get("front") is not None:
+        _print_front(info) if info["front"] else out.print("no feasible completed trial yet")
+    elif best is None:
         out.print("no finished trial yet")
     else:
         out.print(f"best trial {best['number']}: {info['spec'].metric} {best['value']:.4f}")
         out.print(f"  params: {_fmt_params(best['params'])}", markup=False)
+    if info.get("infeasible"):
+        out.print(f"{info['infeasible']} infeasible trial{'s' if info['infeasible'] != 1 else ''} (over a per-trial "
+                  "limit, not trained)", markup=False)
     _print_final(info.get("final"))
+
+
+def _print_front(info: dict) -> None:
+    """A multi-objective study's Pareto front: one row a trial, best learned value first."""
+    names = [o.name for o in info["spec"].objectives]
+    rows = [[str(r["number"])] + [_fmt_metric(n, r["values"][n]) for n in names] for r in info["front"]]
+    head = ["trial"] + names
+    widths = [max(len(c) for c in column) for column in zip(head, *rows)]
+    out.print(f"Pareto front: {len(rows)} trial{'s' if len(rows) != 1 else ''} (cnnsearch export "
+              f"{info['name']} --pick knee | --pick max_params=N | --trial N)", markup=False)
+    for row in [head] + rows:
+        out.print("  " + "  ".join(c.rjust(w) for c, w in zip(row, widths)), markup=False)
+
+
+def _fmt_metric(name: str, value: float) -> str:
+    if name == "val_acc":
+        return f"{value:.2%}"
+    if name in ("n_params", "macs"):
+        return f"{value:,.0f}"
+    return f"{value:.4g}"
 
 
 def _print_final(final: Optional[dict]) -> None:
@@ -582,14 +607,16 @@ def list_(storage: StorageOpt = None) -> None:
 def best(name: Annotated[str, typer.Argument(help="Study name.")], storage: StorageOpt = None) -> None:
     """The best trial's value, parameters and attributes."""
     from search import study as study_mod
+    from search.objectives import learned_value
     from search.storage import open_store
 
     store = open_store(storage, heartbeat_interval=None, create=False)
     _, spec, trial = study_mod.best_trial(name, store)
-    out.print(f"best trial {trial.number}: {spec.metric} {trial.value:.4f}")
+    of = " (on the Pareto front, the best " + spec.metric + ")" if spec.multi else ""
+    out.print(f"best trial {trial.number}{of}: {spec.metric} {learned_value(trial, spec.objectives):.4f}")
     for key, value in trial.params.items():
         out.print(f"  {key} = {value!r}", markup=False)
-    for key in ("n_params", "stop_reason", "device", "host", "epoch_seconds"):
+    for key in ("n_params", "macs", "latency_ms", "stop_reason", "device", "host", "epoch_seconds"):
         if key in trial.user_attrs:
             out.print(f"  [{key}] {trial.user_attrs[key]}", markup=False)
     _print_final(study_mod.summary(name, store)["final"])
@@ -626,6 +653,9 @@ def export_(
     output: Annotated[Path, typer.Option("--output", "-o", help="The file to write.")] = Path("best.json"),
     trial: Annotated[Optional[int], typer.Option(help="Export this completed trial instead of the best.")] = None,
     rank: Annotated[int, typer.Option(min=1, help="Export the N-th best completed trial (finalists).")] = 1,
+    pick: Annotated[Optional[str], typer.Option(help="Multi-objective studies: the Pareto trial to export: "
+                                                "knee, or a limit like max_params=300000 (also max_macs, "
+                                                "max_latency_ms): the best learned value within it.")] = None,
     model: Annotated[Optional[Path], typer.Option("--model", help="Also write the final stage's model "
                                                   "(a model.pt for `cnnsearch predict`) to this file.")] = None,
     storage: StorageOpt = None,
@@ -636,23 +666,25 @@ def export_(
     from search import export as export_mod
     from search.storage import open_store
 
-    if trial is not None and rank != 1:
-        raise UserError("give --trial or --rank, not both")
-    if model is not None and (trial is not None or rank != 1):
-        raise UserError("--model writes the final stage's model; it does not go with --trial or --rank")
+    if sum((trial is not None, rank != 1, pick is not None)) > 1:
+        raise UserError("give --trial or --rank or --pick, not two of them")
+    if model is not None and (trial is not None or rank != 1 or pick is not None):
+        raise UserError("--model writes the final stage's model; it does not go with --trial, --rank or --pick")
     storage = open_store(storage, heartbeat_interval=None, create=False)  # once, for both files
     if model is not None:  # first: nothing is written when the model cannot be
         final = export_mod.export_model(name, model, storage, artifacts)
         out.print(f"wrote {model}: the final model of study {name!r} "
                   f"({_final_short(final)}); classify with: cnnsearch predict {model} IMAGE...", markup=False)
-    doc = export_mod.export_best(name, output, storage, trial, rank)
+    doc = export_mod.export_best(name, output, storage, trial, rank, pick)
     prov = doc["provenance"]
     if "final" in prov:
         out.print(f"wrote {output}: study {name!r}, the final stage's chosen config (search trial {prov['trial']}) "
                   f"at the final budget, {doc['config']['epochs']} epochs; {_final_short(prov['final'])}", markup=False)
         out.print(f"  params: {_fmt_params(prov['params'])}", markup=False)
         return
-    out.print(f"wrote {output}: study {name!r} trial {prov['trial']}, {prov['metric']} {prov['value']:.4f}", markup=False)
+    values = ", ".join(f"{k} {_fmt_metric(k, v)}" for k, v in prov["values"].items()) if "values" in prov else None
+    out.print(f"wrote {output}: study {name!r} trial {prov['trial']}, "
+              + (values or f"{prov['metric']} {prov['value']:.4f}"), markup=False)
     out.print(f"  params: {_fmt_params(prov['params'])}", markup=False)
     carried, final_command = export_mod.search_budget(doc, output)
     out.print(f"  {carried} (cnnsearch train {output} alone repeats them)", markup=False)

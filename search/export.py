@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from search import config, finalstage, space
+from search import config, finalstage, objectives, space
 from search import study as study_mod
 from search.errors import ExportError
 from search.files import write_json
@@ -30,10 +30,12 @@ EXPORT_FORMAT = "cnnsearch-export/1"
 def export_document(study, spec, trial, url: str) -> dict[str, Any]:
     """The export of one trial: {"format", "config", "provenance"}; the storage `url` appears masked."""
     cfg = space.params_to_config(spec, trial.params)
-    keep = ("n_params", "best_epoch", "epoch_seconds", "train_seconds", "device", "precision", "stop_reason")
+    keep = ("n_params", "macs", "latency_ms", "best_epoch", "epoch_seconds", "train_seconds", "device", "precision", "stop_reason")
     provenance = {
         "study": study.study_name, "trial": trial.number, "metric": spec.metric,
-        "direction": spec.direction, "value": trial.value, "params": dict(trial.params),
+        "direction": spec.direction, "value": objectives.learned_value(trial, spec.objectives),
+        **({"values": dict(zip([o.name for o in spec.objectives], trial.values))} if spec.multi else {}),
+        "params": dict(trial.params),
         "trial_attrs": {k: trial.user_attrs[k] for k in keep if k in trial.user_attrs},
         "data": {"dataset": cfg.dataset, "data_options": cfg.data_options, "val_fraction": cfg.val_fraction,
                  "val_seed": cfg.val_seed, "subset": cfg.subset},
@@ -62,8 +64,9 @@ def search_budget(doc: dict[str, Any], path: str | Path) -> tuple[str, str]:
 
 
 def export_best(name: str, path: str | Path, store: Store | str | None = None, number: int | None = None,
-                rank: int = 1) -> dict:
-    """Write the best (the `rank`-th best, or trial `number`'s) config of study `name` to `path`.
+                rank: int = 1, pick: str | None = None) -> dict:
+    """Write the best (the `rank`-th best, or trial `number`'s, or the Pareto trial `pick` asks
+    for: `objectives.pick`) config of study `name` to `path`.
 
     A study whose final stage has chosen its config (search/finalstage.py) exports that one, at
     the final budget, with the final results under provenance["final"]; `number` or a `rank`
@@ -73,8 +76,8 @@ def export_best(name: str, path: str | Path, store: Store | str | None = None, n
         search.study.StudyError: no such study, or no finished (completed) trial.
     """
     store = open_store(store, heartbeat_interval=None, create=False)
-    study, spec, trial = study_mod.best_trial(name, store, number, rank)
-    final = finalstage.results(study, spec) if number is None and rank == 1 else None
+    study, spec, trial = study_mod.best_trial(name, store, number, rank, pick)
+    final = finalstage.results(study, spec) if number is None and rank == 1 and pick is None else None
     if final is not None and final["chosen"] is not None and final["chosen"]["source_trial"] is not None:
         trial = next(t for t in study.get_trials(deepcopy=False) if t.number == final["chosen"]["source_trial"])
     doc = export_document(study, spec, trial, store.url)

@@ -14,14 +14,15 @@ import math
 import os
 import socket
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import optuna
 
 import models
-from search import datasets, engine, space
+from search import costs, datasets, engine, space
 from search.artifacts import CheckpointStore, TrialCheckpoint
 from search.errors import first_line
+from search.objectives import WORST, poor_for_its_size
 from search.storage import connection_problem, count_trials, stored_trial
 
 EpochProgress = Callable[[int, int, dict], None]  # (trial number, epoch, metrics)
@@ -33,8 +34,16 @@ class OverBudget(Exception):
 
 def make_objective(spec, *, device: str = "auto", on_epoch: EpochProgress | None = None,
                    trial_attrs: dict | None = None,
-                   checkpoints: CheckpointStore | None = None) -> Callable[[optuna.Trial], float]:
+                   checkpoints: CheckpointStore | None = None) -> Callable[[optuna.Trial], float | Sequence[float]]:
     """The function a worker hands to `study.optimize`.
+
+    A multi-objective study (`spec.multi`) returns one value per objective, in the spec's order;
+    Optuna refuses `trial.report` there: the learning curve goes to the user attr `curve`
+    instead, and a trial is pruned when it is poor for its size (`objectives.poor_for_its_size`).
+    A trial over a per-trial limit (`spec.limits`: max_macs, max_latency_ms) is not trained:
+    completed with the worst learned value and its static values in a multi-objective study,
+    pruned in a single-objective one; either way with user attrs `infeasible` (why) and
+    `constraints` (Optuna's: > 0 violated), which the sampler reads.
 
     Args:
         spec: the study's validated StudySpec.
@@ -45,8 +54,18 @@ def make_objective(spec, *, device: str = "auto", on_epoch: EpochProgress | None
         checkpoints: where trials save their checkpoint after each epoch (`search.artifacts`);
             a retry of a cut-off trial resumes from the original's last one. None: off.
     """
-    goal = spec.objectives[0]
+    goal = spec.learned
     metric = goal.name
+    multi = spec.multi
+    static = bool(spec.multi or spec.limits)  # costs measured before training (search/costs.py)
+    # Multi-objective pruning (objectives.poor_for_its_size): on unless the pruner is NopPruner,
+    # with MedianPruner's settings as the pruner section gives them.
+    by_size = multi and spec.pruner.name != "NopPruner"
+    min_peers = spec.pruner.kwargs.get("n_startup_trials", 5)
+    warmup = spec.pruner.kwargs.get("n_warmup_steps", 0)
+
+    def values_of(learned: float, measured: dict) -> tuple[float, ...]:
+        return tuple(learned if o.learned else measured[o.name] for o in spec.objectives)
 
     def run_trial(trial: optuna.Trial, ckpt: TrialCheckpoint, replaced: list[int]) -> float:
         # A retry takes the slot of the trials it repeats, failed or about to be.
@@ -56,18 +75,32 @@ def make_objective(spec, *, device: str = "auto", on_epoch: EpochProgress | None
             trial.set_user_attr("stop_reason", "over budget: another worker took the last slot")
             raise OverBudget(f"study budget of {spec.n_trials} trials already taken")
         epoch_seconds: list[float] = []
+        curve: list[float] = []
 
         def report(epoch: int, m: dict, save: bool = True) -> None:
             epoch_seconds.append(round(m["seconds"], 3))
-            trial.report(m[metric], epoch)
+            if multi:
+                curve.append(m[metric])
+                trial.set_user_attr("curve", curve)
+            else:
+                trial.report(m[metric], epoch)
             if save:  # what a retry resumes from; before on_epoch, where a deferred SIGTERM lands
                 ckpt.save()
             if on_epoch is not None:
                 on_epoch(trial.number, epoch, m)
-            if trial.should_prune():
+            if not multi and trial.should_prune():
                 trial.set_user_attr("epoch_seconds", epoch_seconds)
                 trial.set_user_attr("stop_reason", f"pruned after epoch {epoch + 1}")  # shown: from 1
                 raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} at {metric} {m[metric]:.4f}")
+            poor = by_size and epoch >= warmup and poor_for_its_size(
+                m[metric], epoch, measured["n_params"],
+                trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)), goal, min_peers)
+            if poor:
+                trial.set_user_attr("epoch_seconds", epoch_seconds)
+                why = (f"pruned after epoch {epoch + 1}: {metric} {m[metric]:.4f}, worse than the median "
+                       f"{poor[0]:.4f} of {poor[1]} trials of similar size")
+                trial.set_user_attr("stop_reason", why)
+                raise optuna.TrialPruned(why)
 
         try:  # from the first suggest on: an error anywhere is this trial's crash, with its one line
             for key, value in (trial_attrs or {}).items():
@@ -81,8 +114,22 @@ def make_objective(spec, *, device: str = "auto", on_epoch: EpochProgress | None
                 trial.set_user_attr(key, value)
             started = time.perf_counter()
             dataset = datasets.dataset_for(cfg)
-            n_params = models.count_parameters(models.build_model(cfg, dataset.in_shape, dataset.num_classes))
-            trial.set_user_attr("n_params", n_params)
+            if static:
+                measured = costs.static_values(spec, cfg, dataset.in_shape, dataset.num_classes, resolved)
+                for key, value in measured.items():
+                    trial.set_user_attr(key, value)
+                if spec.limits:
+                    constraints, why = costs.violations(spec, measured)
+                    costs.record_constraints(trial, spec, constraints)
+                    if why is not None:  # not trained: the sampler learns from the constraints
+                        trial.set_user_attr("infeasible", why)
+                        trial.set_user_attr("stop_reason", f"infeasible: {why}")
+                        if not multi:
+                            raise optuna.TrialPruned(f"infeasible: {why}")
+                        return values_of(WORST[metric], measured)
+            else:
+                n_params = models.count_parameters(models.build_model(cfg, dataset.in_shape, dataset.num_classes))
+                trial.set_user_attr("n_params", n_params)
             ds = datasets.to_device(dataset, resolved)
             state = engine.TrainState.start(cfg, ds, resolved)
             saved = ckpt.saved_run(replaced)  # a retry: the cut-off original's last checkpoint
@@ -115,11 +162,12 @@ def make_objective(spec, *, device: str = "auto", on_epoch: EpochProgress | None
         trial.set_user_attr("stop_reason", result.stop_reason)
         if result.stop_reason != "finished":
             last = result.history[-1] if result.history else {}
-            if math.isfinite(last.get(metric, math.nan)):
+            if not multi and math.isfinite(last.get(metric, math.nan)):
                 trial.report(last[metric], last["epoch"])  # the diverged epoch shows on the curves too
             raise optuna.TrialPruned(result.stop_reason)
         trial.set_user_attr("best_epoch", result.best_epoch)
-        return goal.best_of(h[metric] for h in result.history)
+        learned = goal.best_of(h[metric] for h in result.history)
+        return values_of(learned, measured) if multi else learned
 
     def objective(trial: optuna.Trial) -> float:
         stored = stored_trial(trial)

@@ -21,6 +21,7 @@ import math
 import random
 import textwrap
 import warnings
+import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,7 +34,7 @@ from search import config, space
 from search import finalstage, objectives
 from search import study as study_mod
 from search.files import write_atomic
-from search.storage import Store, open_store
+from search.storage import Store, open_store, trial_id
 from search.urls import mask_url
 
 _CURVES_TOP, _CURVES_SAMPLE = 20, 30  # epoch curves: the best trials, plus a sample of the rest
@@ -273,6 +274,11 @@ def build_report(study: optuna.Study, spec, *, url: str | None = None, top: int 
     from optuna import visualization as vis
 
     trials = study.get_trials(deepcopy=False)
+    pareto = ""
+    if spec.multi:  # the Pareto front first; then the usual page about the learned objective alone
+        pareto = _pareto_section(study, spec, trials)
+        trials = [_learned_only(t, spec) for t in trials if "infeasible" not in t.user_attrs]
+        spec = dataclasses.replace(spec, objectives=(spec.learned,))
     ranked = objectives.ranked(trials, spec.objectives)
     best = ranked[0] if ranked else None
     view = _view(trials, spec.direction)
@@ -331,7 +337,8 @@ def build_report(study: optuna.Study, spec, *, url: str | None = None, top: int 
     pngs = _write_pngs(Path(png_dir), view, lines_view, curves, best, importances, spec.metric, figures,
                        axes=axes, panels=panels, caveat=caveat, final=final) if png_dir else []
     best_cfg = json.dumps(config.to_dict(space.params_to_config(spec, best.params)), indent=2) if best else None
-    page = _page(study, spec, trials, ranked[:top], figures, notes, best, best_cfg, url and mask_url(url), final)
+    page = _page(study, spec, trials, ranked[:top], figures, notes, best, best_cfg, url and mask_url(url), final,
+                 pareto)
     return Report(page, [title for title, _, _ in figures.values()], notes, pngs)
 
 
@@ -389,7 +396,49 @@ def _final_section(final: dict, name: str) -> str:
             f"on validation.</p>{seeds}</section>")
 
 
-def _page(study, spec, trials, top_trials, figures, notes, best, best_cfg, storage_label, final=None) -> str:
+def _learned_only(t: optuna.trial.FrozenTrial, spec) -> optuna.trial.FrozenTrial:
+    """A multi-objective trial as a single-objective one: its learned value, its `curve` as the
+    intermediate values (Optuna refuses report in multi-objective studies)."""
+    return optuna.trial.FrozenTrial(
+        number=t.number, state=t.state, value=objectives.learned_value(t, spec.objectives), values=None,
+        datetime_start=t.datetime_start, datetime_complete=t.datetime_complete, params=t.params,
+        distributions=t.distributions, user_attrs=t.user_attrs, system_attrs=t.system_attrs,
+        intermediate_values=dict(enumerate(t.user_attrs.get("curve") or [])), trial_id=trial_id(t))
+
+
+def _pareto_section(study: optuna.Study, spec, trials: list) -> str:
+    """The Pareto front of a multi-objective study: Optuna's plot (2 or 3 objectives) and a table."""
+    from optuna import visualization as vis
+
+    esc = html.escape
+    names = [o.name for o in spec.objectives]
+    front = objectives.pareto_front(trials, spec.objectives)
+    infeasible = sum("infeasible" in t.user_attrs for t in trials)
+    figure = ""
+    if 2 <= len(names) <= 3:
+        try:
+            with _quiet():
+                fig = vis.plot_pareto_front(study, target_names=names, constraints_func=(
+                    (lambda t: t.user_attrs.get("constraints", [0.0] * len(spec.limits))) if spec.limits else None))
+            figure = fig.to_html(full_html=False, include_plotlyjs=False, div_id="fig-pareto")
+        except (ValueError, RuntimeError) as exc:
+            figure = f"<p class='note'>not drawn: {esc(' '.join(str(exc).split()))}</p>"
+    head = "".join(f"<th>{esc(h)}</th>" for h in ["trial", *names, "params"])
+    rows = "".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in (
+        t.number, *(f"{v:,.6g}" for v in t.values),
+        ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items()))) + "</tr>"
+        for t in front)
+    return (f'<section id="pareto"><h2>Pareto front</h2><p>{len(front)} trials no other feasible trial beats in '
+            f"every objective ({esc(', '.join(f'{o.name} ({o.direction})' for o in spec.objectives))}), best "
+            f"{esc(spec.learned.name)} first; {infeasible} trials over a per-trial limit, not trained. "
+            f"<code>cnnsearch export {esc(study.study_name)} --pick knee</code> (or --pick max_params=N, "
+            f"--trial N) exports one. The rest of this page is about {esc(spec.learned.name)} alone.</p>"
+            f"{figure}<table id='pareto-trials'><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+            "</section>")
+
+
+def _page(study, spec, trials, top_trials, figures, notes, best, best_cfg, storage_label, final=None,
+          pareto: str = "") -> str:
     from plotly.offline import get_plotlyjs
 
     counts: dict[str, int] = {}
@@ -404,7 +453,7 @@ def _page(study, spec, trials, top_trials, figures, notes, best, best_cfg, stora
              f"({esc(summary)}); {esc(best_line)}.</p>",
              f"<p class='meta'>{f'storage {esc(storage_label)}; ' if storage_label else ''}"
              f"cnnsearch {esc(search.__version__)}; generated "
-             f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}</p>"]
+             f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}</p>", pareto]
     for name, (title, fig, caption) in figures.items():
         parts.append(f'<section id="{name}"><h2>{esc(title)}</h2>')
         if fig is None:

@@ -27,7 +27,7 @@ import optuna
 
 from . import check, config
 from .errors import SpecError, first_line
-from .objectives import Objective, objective
+from .objectives import LEARNED, Objective, objective, parse_objectives
 from .config import DATA_FIELDS
 from .space import (Param, SpaceError, apply_params, check_space, contains, corner_params, fill_params, is_active,
                     parse_param, split_target, suggest_params)
@@ -35,7 +35,9 @@ from .space import (Param, SpaceError, apply_params, check_space, contains, corn
 SECTIONS = ("study", "data", "fixed", "space", "sampler", "pruner", "enqueue", "final", "warm_start")
 FINAL_KEYS = ("finalists", "epochs", "full_data", "stretch_schedule", "seeds", "average_last", "baseline")
 WARM_START_KEYS = ("study", "top")
-STUDY_KEYS = ("name", "direction", "metric", "n_trials", "timeout", "description", "max_params", "max_memory")
+STUDY_KEYS = ("name", "direction", "metric", "objectives", "directions", "n_trials", "timeout", "description",
+              "max_params", "max_memory", "max_macs", "max_latency_ms", "latency_batch")
+LATENCY_BATCH = 64  # study.latency_batch default: images per timed forward pass
 FIXED_FIELDS = tuple(f for f in config.FIELDS if f not in DATA_FIELDS)
 _STUDY_NAME = re.compile(r"[A-Za-z0-9_-]+")
 SEEDS = 2**32  # sampler seeds are in [0, SEEDS): what NumPy's RandomState takes
@@ -86,7 +88,7 @@ class StudySpec:
     """A validated study. `data` and `fixed` are RunConfig values; `space` is in dependency order."""
 
     name: str
-    objectives: tuple[Objective, ...]  # what the study optimises; one, from study.metric/direction
+    objectives: tuple[Objective, ...]  # study.metric/direction (one), or study.objectives: one learned, any static
     n_trials: int  # global budget: complete + pruned trials across all workers
     timeout: float | int | None
     description: str
@@ -100,15 +102,34 @@ class StudySpec:
     max_memory: int = check.MAX_MEMORY  # bytes: estimated activation memory of one training batch
     final: FinalSpec | None = None  # None: the study ends with its search (no [final] section)
     warm_start: WarmStart | None = None
+    max_macs: int | None = None  # per trial: a model over it is not trained (search/costs.py)
+    max_latency_ms: float | None = None  # per trial: ms per image, measured on the worker's device
+    latency_batch: int = LATENCY_BATCH  # images per timed forward pass (latency_ms)
+
+    @property
+    def learned(self) -> Objective:
+        """The study's learned objective (what trials report each epoch)."""
+        return next(o for o in self.objectives if o.learned)
 
     @property
     def metric(self) -> str:
-        """The metric of the study's one objective (what trials report each epoch)."""
-        return self.objectives[0].name
+        return self.learned.name
 
     @property
     def direction(self) -> str:
-        return self.objectives[0].direction
+        return self.learned.direction
+
+    @property
+    def multi(self) -> bool:
+        """Several objectives: trials return a value each, and rank by the Pareto front."""
+        return len(self.objectives) > 1
+
+    @property
+    def limits(self) -> tuple[tuple[str, float], ...]:
+        """The per-trial constraints, (static metric, limit) in a fixed order: what a trial over
+        one is not trained for (`costs.violations`); max_params caps the whole study at create."""
+        return tuple((metric, limit) for metric, limit in (("macs", self.max_macs),
+                                                           ("latency_ms", self.max_latency_ms)) if limit is not None)
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None, data_dir: str | None = None) -> StudySpec:
@@ -184,7 +205,7 @@ def _rebuild(doc: Mapping[str, Any]) -> StudySpec:
     unknown = [k for k in doc if k not in SECTIONS]
     if unknown:
         raise _Invalid(f"{unknown[0]}: unknown section (valid: {', '.join(SECTIONS)})")
-    head = _parse_study(_table(doc, "study", STUDY_KEYS))
+    head = _parse_study(_table(doc, "study", _study_keys(doc)))
     data, fixed = _table(doc, "data"), _table(doc, "fixed")
     space = check_space([parse_param(name, table, fixed) for name, table in _table(doc, "space").items()])
     by_name = {p.name: p for p in space}
@@ -195,7 +216,7 @@ def _rebuild(doc: Mapping[str, Any]) -> StudySpec:
         table = _table(doc, section, ("name", "kwargs"))
         classes[section] = ClassSpec(name=table.get("name", default), kwargs=dict(table.get("kwargs", {})))
     return StudySpec(**head, data=data, fixed=fixed, space=space, enqueue=enqueue, **classes,
-                     final=_parse_final(doc, enqueue), warm_start=_parse_warm_start(doc, head["name"]))
+                     final=_parse_final(doc, enqueue, head), warm_start=_parse_warm_start(doc, head["name"]))
 
 
 def _printable(text: str) -> str:
@@ -205,12 +226,19 @@ def _printable(text: str) -> str:
 
 def spec_to_dict(spec: StudySpec) -> dict[str, Any]:
     """The spec as JSON-ready data in the study-file layout; equal specs give equal dicts."""
-    study = {"name": spec.name, "direction": spec.direction, "metric": spec.metric, "n_trials": spec.n_trials,
-             "description": spec.description}
+    if spec.multi:
+        study = {"name": spec.name, "objectives": [o.name for o in spec.objectives], "n_trials": spec.n_trials,
+                 "description": spec.description}
+    else:
+        study = {"name": spec.name, "direction": spec.direction, "metric": spec.metric, "n_trials": spec.n_trials,
+                 "description": spec.description}
     if spec.timeout is not None:
         study["timeout"] = spec.timeout
     for key, default in (("max_params", check.MAX_PARAMS), ("max_memory", check.MAX_MEMORY)):
         if getattr(spec, key) != default:  # defaults left out: specs stored before these keys compare equal
+            study[key] = getattr(spec, key)
+    for key, default in (("max_macs", None), ("max_latency_ms", None), ("latency_batch", LATENCY_BATCH)):
+        if getattr(spec, key) != default:
             study[key] = getattr(spec, key)
     return copy.deepcopy({
         "study": study, "data": spec.data, "fixed": spec.fixed,
@@ -228,7 +256,14 @@ def make_sampler(spec: StudySpec, seed_offset: int = 0) -> optuna.samplers.BaseS
     kwargs = copy.deepcopy(spec.sampler.kwargs)
     if "seed" in kwargs:
         kwargs["seed"] = (kwargs["seed"] + seed_offset) % SEEDS  # a pid added to a seed near 2**32 stays a seed
-    return getattr(optuna.samplers, spec.sampler.name)(**kwargs)
+    cls = getattr(optuna.samplers, spec.sampler.name)
+    if (spec.limits and not hasattr(optuna.Trial, "set_constraint")
+            and "constraints_func" in inspect.signature(cls).parameters):
+        # Optuna < 5: the sampler reads the constraints the objective records (costs.record_constraints);
+        # from 5.0 on, constraints_func is deprecated and the objective's set_constraint informs the sampler
+        default = [0.0] * len(spec.limits)
+        kwargs["constraints_func"] = lambda t: t.user_attrs.get("constraints", default)
+    return cls(**kwargs)
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
@@ -264,7 +299,7 @@ def _parse(doc: Mapping[str, Any]) -> StudySpec:
     unknown = [k for k in doc if k not in SECTIONS]
     if unknown:
         raise _Invalid(f"{unknown[0]}: unknown section (valid: {', '.join(SECTIONS)})")
-    head = _parse_study(_table(doc, "study", STUDY_KEYS))
+    head = _parse_study(_table(doc, "study", _study_keys(doc)))
     data, fixed = _table(doc, "data"), _table(doc, "fixed")
     for section, table, other, fields in (("data", data, "fixed", DATA_FIELDS), ("fixed", fixed, "data", FIXED_FIELDS)):
         for key in table:
@@ -290,7 +325,8 @@ def _parse(doc: Mapping[str, Any]) -> StudySpec:
     spec = StudySpec(**head, data=data, fixed=fixed, space=space,
                      sampler=_class_spec(doc, "sampler", optuna.samplers, optuna.samplers.BaseSampler, "TPESampler"),
                      pruner=_class_spec(doc, "pruner", optuna.pruners, optuna.pruners.BasePruner, "MedianPruner"),
-                     enqueue=enqueue, final=_parse_final(doc, enqueue), warm_start=_parse_warm_start(doc, head["name"]))
+                     enqueue=enqueue, final=_parse_final(doc, enqueue, head),
+                     warm_start=_parse_warm_start(doc, head["name"]))
     _check_sampling(spec)
     return spec
 
@@ -300,7 +336,17 @@ def _parse_study(study: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(name, str) or not _STUDY_NAME.fullmatch(name):
         raise _Invalid(f"study.name: expected letters, digits, _ and -, got {name!r}")
     try:
-        goal = objective(study.get("metric", "val_acc"), study.get("direction"))
+        if "objectives" in study:
+            given = [k for k in ("metric", "direction") if k in study]
+            if given:
+                raise _Invalid(f"study.{given[0]}: give study.objectives (and directions) or study.metric "
+                               "(and direction), not both")
+            goals = parse_objectives(study["objectives"], study.get("directions"))
+        elif "directions" in study:
+            raise _Invalid("study.directions: goes with study.objectives (a list of metrics); "
+                           "one objective takes study.direction")
+        else:
+            goals = (objective(study.get("metric", "val_acc"), study.get("direction")),)
     except SpecError as err:
         raise _Invalid(str(err)) from None
     n_trials, timeout = study.get("n_trials"), study.get("timeout")
@@ -319,8 +365,29 @@ def _parse_study(study: Mapping[str, Any]) -> dict[str, Any]:
     description = study.get("description", "")
     if not isinstance(description, str):
         raise _Invalid(f"study.description: expected a string, got {description!r}")
-    return dict(name=name, objectives=(goal,), n_trials=n_trials, timeout=timeout,
-                description=description, max_params=max_params, max_memory=max_memory)
+    limits = {}
+    for key in ("max_macs", "max_latency_ms"):
+        value = study.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                  or not 0 < value < math.inf):
+            raise _Invalid(f"study.{key}: expected a number > 0, got {value!r}")
+        limits[key] = value
+    if limits["max_macs"] is not None:
+        limits["max_macs"] = int(limits["max_macs"])  # 3e6 in TOML is a float
+    latency_batch = _int_key(study, "study", "latency_batch", LATENCY_BATCH)
+    return dict(name=name, objectives=goals, n_trials=n_trials, timeout=timeout, description=description,
+                max_params=max_params, max_memory=max_memory, **limits, latency_batch=latency_batch)
+
+
+def _study_keys(doc: Mapping[str, Any]) -> tuple[str, ...]:
+    """STUDY_KEYS; a limit on a learned metric (study.max_val_loss) is its own one line."""
+    study = doc.get("study")
+    for key in study if isinstance(study, Mapping) else ():
+        metric = key.partition("_")[2] if isinstance(key, str) and key.startswith(("max_", "min_")) else None
+        if metric in LEARNED:
+            raise _Invalid(f"study.{key}: constraints apply to static metrics only (max_params, max_macs, "
+                           f"max_latency_ms); {metric} is learned, known only after training")
+    return STUDY_KEYS
 
 
 def _int_key(table: Mapping[str, Any], section: str, key: str, default: Any, low: int = 1) -> Any:
@@ -339,9 +406,12 @@ def _bool_key(table: Mapping[str, Any], section: str, key: str, default: bool) -
     return value
 
 
-def _parse_final(doc: Mapping[str, Any], enqueue: tuple[dict, ...]) -> FinalSpec | None:
+def _parse_final(doc: Mapping[str, Any], enqueue: tuple[dict, ...], head: Mapping[str, Any]) -> FinalSpec | None:
     if "final" not in doc:
         return None
+    if len(head["objectives"]) > 1:
+        raise _Invalid("final: [final] needs a single-objective study; choose a configuration from the Pareto "
+                       "front with cnnsearch export NAME --pick ..., then cnnsearch train it")
     table = _table(doc, "final", FINAL_KEYS)
     d = FinalSpec()
     final = FinalSpec(finalists=_int_key(table, "final", "finalists", d.finalists),
@@ -513,19 +583,23 @@ def _check_sampling(spec: StudySpec) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            study = optuna.create_study(direction=spec.direction, sampler=make_sampler(spec),
-                                        pruner=make_pruner(spec))
+            study = optuna.create_study(directions=[o.direction for o in spec.objectives],
+                                        sampler=make_sampler(spec), pruner=make_pruner(spec))
             trial = _NamedTrial(study.ask())
             step = "sampling"
             values = suggest_params(trial, spec)  # the worker's path: active parameters, parents first
             for p in spec.space:  # and those its conditions left out, each as if it were active
                 if p.name not in values:
                     suggest_params(trial, (dataclasses.replace(p, when=()),))
-            step = f"pruner: {spec.pruner.name} fails on a trial's first report"
-            trial.report(0.0, 0)
-            trial.should_prune()
+            if not spec.multi:  # Optuna refuses report and should_prune in multi-objective studies
+                step = f"pruner: {spec.pruner.name} fails on a trial's first report"
+                trial.report(0.0, 0)
+                trial.should_prune()
             step = f"{where}: {sampler.name} cannot finish a trial"
-            study.tell(trial.trial, 0.0)
+            if spec.limits:
+                from .costs import record_constraints
+                record_constraints(trial.trial, spec, [0.0] * len(spec.limits))
+            study.tell(trial.trial, [0.0] * len(spec.objectives) if spec.multi else 0.0)
     except Exception as err:  # noqa: BLE001 - whatever the sampler or pruner raises is this spec's fault
         if step == "sampling":
             step = f"{where}: {sampler.name} cannot sample space.{trial.suggesting}"

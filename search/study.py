@@ -183,26 +183,39 @@ def summary(name: str, store: Store | str | None = None) -> dict:
                 "device": t.user_attrs.get("device", "?"), "worker_index": t.user_attrs.get("worker_index"),
                 "sampler_seed": t.user_attrs.get("sampler_seed"),
                 "age_s": (now - t.datetime_start).total_seconds() if t.datetime_start else None,
-                "epochs": len(t.intermediate_values)}
+                "epochs": len(t.intermediate_values) or len(t.user_attrs.get("curve") or ())}
                for t in trials_in_state(study, optuna.trial.TrialState.RUNNING)]
-    best = objectives.best(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)),
-                           spec.objectives)
+    states = (optuna.trial.TrialState.COMPLETE,) + ((optuna.trial.TrialState.PRUNED,) if spec.limits else ())
+    done = study.get_trials(deepcopy=False, states=states)
+    best = objectives.best(done, spec.objectives)
+    front = objectives.pareto_front(done, spec.objectives) if spec.multi else None
     return {"name": name, "spec": spec, "counts": counts, "finished": counts.get("COMPLETE", 0)
             + counts.get("PRUNED", 0), "budget": spec.n_trials, "running": running,
             "final": finalstage.results(study, spec),
-            "best": None if best is None else {"number": best.number, "value": best.value,
-                                               "params": best.params, "user_attrs": best.user_attrs}}
+            "best": None if best is None else {"number": best.number,
+                                               "value": objectives.learned_value(best, spec.objectives),
+                                               "params": best.params, "user_attrs": best.user_attrs},
+            # several objectives: the Pareto front, best learned value first; trials over a per-trial limit
+            "front": None if front is None else [{"number": t.number, "values": dict(zip(
+                [o.name for o in spec.objectives], t.values))} for t in front],
+            "infeasible": sum("infeasible" in t.user_attrs for t in done)}
 
 
-def best_trial(name: str, store: Store | str | None = None, number: int | None = None, rank: int = 1):
-    """(study, spec, trial): the best completed trial (the `rank`-th best), or trial `number`."""
+def best_trial(name: str, store: Store | str | None = None, number: int | None = None, rank: int = 1,
+               pick: str | None = None):
+    """(study, spec, trial): the best completed trial (the `rank`-th best), or trial `number`, or
+    in a multi-objective study the Pareto trial `pick` asks for (`objectives.pick`: "knee",
+    "max_params=300000")."""
     study, spec = load(name, store, heartbeat_interval=None, validate=False)
+    if pick is not None:
+        return study, spec, objectives.pick(study.get_trials(deepcopy=False), spec.objectives, pick)
     if number is None:
         done = objectives.ranked(study.get_trials(deepcopy=False), spec.objectives)
         if not done:
-            raise StudyError(f"study {name!r} has no finished trial yet")
+            raise StudyError(f"study {name!r} has no {'feasible completed' if spec.multi else 'finished'} trial yet")
         if rank < 1 or rank > len(done):
-            raise StudyError(f"--rank {rank}: study {name!r} has {len(done)} completed trials")
+            what = "trials on its Pareto front" if spec.multi else "completed trials"
+            raise StudyError(f"--rank {rank}: study {name!r} has {len(done)} {what}")
         return study, spec, done[rank - 1]
     matches = [t for t in study.get_trials(deepcopy=False) if t.number == number]
     if not matches or matches[0].state != optuna.trial.TrialState.COMPLETE:
