@@ -479,7 +479,8 @@ def summary_line(res: dict) -> str:
         tested = sum(s["test_acc"] is not None for s in res["seeds"])
         of = "" if tested == len(res["seeds"]) else f" of {len(res['seeds'])}"
         state = "" if res["done"] else " so far"
-        return (f"final: test acc {res['test_mean']:.2%}{std} over {tested}{of} seed{'s' if tested != 1 else ''}"
+        plural = "s" if (len(res["seeds"]) if of else tested) != 1 else ""
+        return (f"final: test acc {res['test_mean']:.2%}{std} over {tested}{of} seed{plural}"
                 f"{state} ({src}, chosen from {len(res['finalists'])} finalists on validation)")
     fin_done = sum(f["state"] in ("COMPLETE", "PRUNED", "FAIL") for f in res["finalists"])
     if res["chosen"] is None:
