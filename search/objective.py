@@ -92,7 +92,7 @@ def make_objective(spec, *, device: str = "auto", on_epoch: EpochProgress | None
                 trial.set_user_attr("epoch_seconds", epoch_seconds)
                 trial.set_user_attr("stop_reason", f"pruned after epoch {epoch + 1}")  # shown: from 1
                 raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} at {metric} {m[metric]:.4f}")
-            poor = by_size and epoch >= warmup and poor_for_its_size(
+            poor = by_size and warmup <= epoch < cfg.epochs - 1 and poor_for_its_size(  # a trained one is kept
                 m[metric], epoch, measured["n_params"],
                 trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)), goal, min_peers)
             if poor:

@@ -281,6 +281,7 @@ def test_a_multi_objective_study_prunes_a_trial_poor_for_its_size(tmp_path):
     path.write_text(STUDY_TEXT.replace('name = "mo"', 'name = "mp"').replace("n_trials = 4", "n_trials = 2")
                     .replace("low = 3e-3", "low = 1e-7").replace("width = 16\nlr = 1e-2", "width = 4\nlr = 1e-2")
                     .replace("width = 2\nlr = 1e-2", "width = 4\nlr = 1e-7")
+                    .replace("epochs = 2", "epochs = 3")  # pruned after epoch 2, never after the last one
                     + '[pruner]\nname = "MedianPruner"\nkwargs = { n_startup_trials = 1, n_warmup_steps = 1 }\n')
     url = f"sqlite:///{tmp_path / 'mp.db'}"
     study_mod.create(load_spec(path), url)
