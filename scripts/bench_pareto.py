@@ -48,11 +48,12 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from search import datasets, engine, space
 from search import spec as spec_mod
 from search import study as study_mod
 from search import worker
 from search.objectives import STATIC, feasible, pareto_front
+
+from bench_pruning import warm_up  # scripts/ is on sys.path: the script's own folder
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("size", "none")  # size first: A B A B
@@ -195,15 +196,6 @@ def show_front(front, objectives) -> str:
         return "/".join(parts)
 
     return ", ".join(one(t) for t in front)
-
-
-def warm_up(spec: spec_mod.StudySpec, device: str) -> tuple[int, int]:
-    """Load the data and run one short fit so the first run is not charged for torch's lazy setup."""
-    params = space.fill_params(spec.space, dict(spec.enqueue[0]) if spec.enqueue else {})
-    cfg = space.params_to_config(spec, params).replace(device=device, epochs=1)
-    ds = datasets.dataset_for(cfg)
-    engine.fit(cfg, dataset=ds)
-    return len(ds.train_y), len(ds.val_y)
 
 
 def main() -> None:
