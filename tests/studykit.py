@@ -128,10 +128,21 @@ def worker_cmd(name: str, url: str, *extra: str) -> list[str]:
             "--quiet", "--threads", "1", *extra]
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT as a terminal gives it. pytest run in the background by a
+    shell without job control (`cmd &` in a script, as CI may be) inherits SIGINT ignored, and
+    so would every worker started here: a signal sent before the worker installs its handlers
+    would then be dropped, not stop it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_worker(name: str, url: str, *extra: str, log: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(log, "wb") as out:
-        return subprocess.Popen(worker_cmd(name, url, *extra), stdout=out, stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(worker_cmd(name, url, *extra), stdout=out, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=_default_sigint)
 
 
 @pytest.fixture
