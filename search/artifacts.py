@@ -388,6 +388,25 @@ class TrialCheckpoint:
             self.failed(exc)
             return None
 
+    def start(self, cfg, ds, device, retry_history: list[int]):
+        """The run's `TrainState`, kept as `state` for `save`: for a retry, resumed from the
+        original's last checkpoint (one that cannot be loaded: `resume_error`, and from scratch),
+        recorded as the user attr `resumed_from_epoch`; else a fresh one."""
+        from search import engine  # torch: only for a command that trains
+
+        state = engine.TrainState.start(cfg, ds, device)
+        saved = self.saved_run(retry_history)
+        if saved is not None:
+            try:
+                state.load_state_dict(saved["state"])
+            except Exception as exc:  # noqa: BLE001 - CheckpointError (another run's), or malformed
+                self.failed(exc)
+                state = engine.TrainState.start(cfg, ds, device)  # the load may have half-applied
+        if retry_history and self.store is not None:
+            self.trial.set_user_attr("resumed_from_epoch", state.epoch)
+        self.state = state
+        return state
+
     def failed(self, exc: BaseException) -> None:
         """The saved run cannot be resumed: say so on the trial; it trains from scratch."""
         self.trial.set_user_attr("resume_error", f"{first_line(exc, with_type=True)}; trained from scratch")

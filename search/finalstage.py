@@ -347,17 +347,7 @@ def make_job(spec, *, device: str = "auto", on_epoch: Callable[[int, int, dict],
                 trial.set_user_attr("reused_from", reuse)
                 return job_value(history, goal, last)
         trial.set_user_attr("n_params", models.count_parameters(models.build_model(cfg, ds.in_shape, ds.num_classes)))
-        state = engine.TrainState.start(cfg, ds, resolved)
-        saved = ckpt.saved_run(replaced)
-        if saved is not None:
-            try:
-                state.load_state_dict(saved["state"])
-            except Exception as exc:  # noqa: BLE001 - another run's, or malformed: train from scratch
-                ckpt.failed(exc)
-                state = engine.TrainState.start(cfg, ds, resolved)
-        if replaced and ckpt.store is not None:
-            trial.set_user_attr("resumed_from_epoch", state.epoch)
-        ckpt.state = state
+        state = ckpt.start(cfg, ds, resolved, replaced)
 
         def report(epoch: int, m: dict, save: bool = True) -> None:
             if metric in m and math.isfinite(m[metric]):

@@ -131,17 +131,7 @@ def make_objective(spec, *, device: str = "auto", on_epoch: EpochProgress | None
                 n_params = models.count_parameters(models.build_model(cfg, dataset.in_shape, dataset.num_classes))
                 trial.set_user_attr("n_params", n_params)
             ds = datasets.to_device(dataset, resolved)
-            state = engine.TrainState.start(cfg, ds, resolved)
-            saved = ckpt.saved_run(replaced)  # a retry: the cut-off original's last checkpoint
-            if saved is not None:
-                try:
-                    state.load_state_dict(saved["state"])
-                except Exception as exc:  # noqa: BLE001 - CheckpointError (another run's), or malformed
-                    ckpt.failed(exc)
-                    state = engine.TrainState.start(cfg, ds, resolved)  # load may have half-applied
-            if replaced and ckpt.store is not None:
-                trial.set_user_attr("resumed_from_epoch", state.epoch)
-            ckpt.state = state
+            state = ckpt.start(cfg, ds, resolved, replaced)  # a retry: from the cut-off original's last checkpoint
             for m in state.history:  # the epochs already done, to this trial once (pruner included)
                 report(m["epoch"], m, save=False)
             result = engine.fit(cfg, report, dataset=dataset, state=state)

@@ -27,7 +27,7 @@ from search.cli import app
 from search.errors import CheckpointError, CnnsearchError
 from search.worker import run_worker
 from studykit import assert_one_line_error, quick_study, start_worker
-from test_trial_resume import FAST_HEARTBEAT, _study, check_retry, interrupt_at, reference, trials_of
+from test_trial_resume import FAST_HEARTBEAT, _study, check_retry, interrupt_at, reference, trials_of, wait_for_checkpointed_trial
 
 S3_ENV = "CNNSEARCH_TEST_S3"
 runner = CliRunner()
@@ -287,14 +287,7 @@ def test_a_killed_workers_trial_resumes_from_its_s3_checkpoint(bucket, tmp_path,
     victim = start_worker("tiny", url, *FAST_HEARTBEAT, "--artifacts", where, log=logs[0])
     survivor = None
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert time.monotonic() < deadline and victim.poll() is None, logs[0].read_text()
-            running = [t for t in trials_of(url) if t.state == TrialState.RUNNING]
-            if (running and artifacts.CHECKPOINT_ATTR in running[0].user_attrs
-                    and len(running[0].intermediate_values) >= 3):
-                break
-            time.sleep(0.1)
+        running = [wait_for_checkpointed_trial(url, victim, logs[0], 180)]
         victim.send_signal(signal.SIGKILL)
         victim.wait()
         doomed = {t.number: t for t in trials_of(url)}[running[0].number]

@@ -95,20 +95,25 @@ def interrupt_at(epoch: int):
     return hook
 
 
+def wait_for_checkpointed_trial(url: str, victim, log: Path, seconds: float = 120):
+    """The running trial, once it has a checkpoint and 3+ epochs reported (the victim alive)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert time.monotonic() < deadline and victim.poll() is None, log.read_text()
+        running = [t for t in trials_of(url) if t.state == TrialState.RUNNING]
+        if (running and artifacts.CHECKPOINT_ATTR in running[0].user_attrs
+                and len(running[0].intermediate_values) >= 3):
+            return running[0]
+        time.sleep(0.1)
+
+
 def test_a_killed_workers_trial_resumes_from_its_last_checkpoint(tmp_path):
     url, spec, where = _study(tmp_path, KILL_EPOCHS)
     logs = [tmp_path / "w0.log", tmp_path / "w1.log"]
     victim = start_worker("tiny", url, *FAST_HEARTBEAT, log=logs[0])
     survivor = None
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert time.monotonic() < deadline and victim.poll() is None, logs[0].read_text()
-            running = [t for t in trials_of(url) if t.state == TrialState.RUNNING]
-            if (running and artifacts.CHECKPOINT_ATTR in running[0].user_attrs
-                    and len(running[0].intermediate_values) >= 3):
-                break
-            time.sleep(0.1)
+        running = [wait_for_checkpointed_trial(url, victim, logs[0])]
         time.sleep(0.05)  # into the next epoch
         victim.send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
