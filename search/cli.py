@@ -7,7 +7,9 @@ Each command opens its storage once (`search.storage.open_store`) and passes the
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -276,6 +278,18 @@ def _job_name(attrs: dict) -> str:
     return ""
 
 
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM held back while the block (an import of torch) runs, and delivered when
+    it ends, where Python can raise them: a KeyboardInterrupt raised inside torch's C++ module
+    set-up aborts the process (SIGABRT and a core dump, seen with Ctrl-C ~1 s into a worker)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _stops_on_signals(fn: Callable) -> Callable:
     """`fn` under the worker's signal handlers from its first line (`search.worker.stop_on_signals`):
     a signal while it opens the storage and loads the study stops it too, even where its
@@ -283,8 +297,8 @@ def _stops_on_signals(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from search.worker import stop_on_signals
-
+        with _signals_held():
+            from search.worker import stop_on_signals
         with stop_on_signals():
             return fn(*args, **kwargs)
 
@@ -469,16 +483,19 @@ def run(
     from search.artifacts import open_artifacts
     from search.storage import open_store
 
+    with _signals_held():
+        from search.worker import stop_on_signals
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created": the worker says it
-    spec = spec_mod.load_spec(study_file, set_, data_dir=data_dir)
-    store = open_store(storage)  # a worker's: heartbeat on
-    open_artifacts(store.url, artifacts, probe=True)  # as create does: one line, before the study
-    for line in study_mod.create(spec, store, data_dir=data_dir).warnings:
-        err.print(f"warning: {line}", markup=False)
-    try:
-        _work(spec.name, store, device, quiet, None, threads, data_dir=data_dir, artifacts=artifacts)
-    except StudyGone as exc:
-        _stopping(exc)
+    with stop_on_signals():  # from here, as in the worker: creating the study loads torch too
+        spec = spec_mod.load_spec(study_file, set_, data_dir=data_dir)
+        store = open_store(storage)  # a worker's: heartbeat on
+        open_artifacts(store.url, artifacts, probe=True)  # as create does: one line, before the study
+        for line in study_mod.create(spec, store, data_dir=data_dir).warnings:
+            err.print(f"warning: {line}", markup=False)
+        try:
+            _work(spec.name, store, device, quiet, None, threads, data_dir=data_dir, artifacts=artifacts)
+        except StudyGone as exc:
+            _stopping(exc)
 
 
 @app.command()

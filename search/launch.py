@@ -14,6 +14,11 @@ from typing import Callable, Sequence
 from search.errors import LaunchError
 from search.urls import storage_url
 
+# The `cnnsearch` program in a new process, started as its console script starts it. Not
+# `python -m search.cli`: a Ctrl-C during `-m`'s import of the module exits 1 with a traceback,
+# where a script's start-up ends as killed by SIGINT (130), as every later stop does.
+CNNSEARCH = [sys.executable, "-c", "import sys; sys.argv[0] = 'cnnsearch'; from search.cli import app; sys.exit(app())"]
+
 
 def visible_gpus(gpus: str) -> list[str]:
     """`all` -> every CUDA device index; `0,2` -> those. Raises LaunchError on a bad list."""
@@ -70,7 +75,7 @@ def launch(name: str, url: str | None, slots: list[Slot], *, worker_args: Sequen
     for k, slot in enumerate(slots):
         slot.log.parent.mkdir(parents=True, exist_ok=True)
         # The URL goes in the environment, not argv: `ps` shows every user a command line.
-        cmd = [sys.executable, "-m", "search.cli", "worker", name,
+        cmd = [*CNNSEARCH, "worker", name,
                "--device", slot.device, "--quiet", "--worker-index", str(k), *worker_args]
         log = open(slot.log, "ab")
         env = {**os.environ, **slot.env, "CNNSEARCH_STORAGE": url}

@@ -23,6 +23,7 @@ from typing import Callable
 import optuna
 from optuna.trial import TrialState
 
+import search
 from search import datasets, finalstage, space
 from search.artifacts import CheckpointStore, open_artifacts
 from search import spec as spec_mod
@@ -181,13 +182,15 @@ def stop_on_signals():
     if _installed or not _main_thread():
         yield
         return
-    _signalled.clear()
+    _signalled[:] = search.early_signals[:1]  # one that came while Python imported (search/__init__.py)
+    search.early_signals.clear()
     _pending.clear()
     previous = {s: signal.getsignal(s) for s in _HANDLED}
     _installed.append(True)
     try:
         for s in _HANDLED:
             signal.signal(s, _raise_interrupt)
+        _check_signals()
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)

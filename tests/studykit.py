@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from search.launch import CNNSEARCH
+
 PG_ADMIN_ENV = "CNNSEARCH_TEST_PG"
 
 
@@ -124,7 +126,7 @@ def assert_one_line_error(result, fragment: str) -> None:
 
 
 def worker_cmd(name: str, url: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "search.cli", "worker", name, "--storage", url, "--device", "cpu",
+    return [*CNNSEARCH, "worker", name, "--storage", url, "--device", "cpu",
             "--quiet", "--threads", "1", *extra]
 
 

@@ -189,10 +189,13 @@ def test_a_signal_in_a_workers_first_seconds_stops_it(tmp_path, after, delay):
     finally:
         stop([proc])
     text = log.read_text()
-    # Before Python runs any cnnsearch code (interpreter start-up, the first imports) the signal
-    # is Python's own: the process ends killed by SIGINT, which a shell reports as 130 as well.
-    # (Seen rarely during the imports even after "interrupted" was printed: CPython's own exit.)
-    assert code in (130, -signal.SIGINT) and took < 30, text
+    # Before Python runs any cnnsearch code (the first imports) the signal is Python's own: the
+    # process ends killed by SIGINT, which a shell reports as 130 as well. (Seen rarely during
+    # the imports even after "interrupted" was printed: CPython's own exit.) Earlier still, in
+    # the interpreter's own start-up (the site module, the standard streams), CPython stops
+    # with "Fatal Python error: init_..." and exit 1: seen at 0.02-0.05 s on a busy machine.
+    in_startup = code == 1 and text.startswith("Fatal Python error: init_")
+    assert (code in (130, -signal.SIGINT) or in_startup) and took < 30, text
     assert "worker done" not in text, text  # it did not go on to run the study
     count = counts(trials_of(url))
     assert "RUNNING" not in count and count.get("COMPLETE", 0) + count.get("PRUNED", 0) == 0, (count, text)

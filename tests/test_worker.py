@@ -316,6 +316,22 @@ def test_a_signal_swallowed_by_a_finalizer_still_stops_the_worker(tmp_path, monk
         assert len(trials) == 1 and count.get("FAIL", 0) == 0
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_sigint_swallowed_while_python_imported_stops_the_worker_on_entry(tmp_path):
+    """Before the worker's handlers exist (its imports take a second or two), search/__init__.py's
+    handler records a SIGINT and raises; where that KeyboardInterrupt is swallowed (an import's
+    `except BaseException`, a finalizer), the worker must still stop before its first trial."""
+    import search
+
+    url = _study(tmp_path, n_trials=4, epochs=2, enqueue='[[enqueue]]\nlr = 3e-3\noptimizer = "adam"\n',
+                 pruner='name = "NopPruner"')
+    weakref.finalize(type("Doomed", (), {})(), search._record_then_interrupt, signal.SIGINT, None)
+    assert search.early_signals == [signal.SIGINT]
+    with pytest.raises(KeyboardInterrupt):
+        run_worker("tiny", url, device="cpu")
+    assert _states(_trials(url)) == {"WAITING": 1} and search.early_signals == []
+
+
 # Worker indices: the sampler's seed offset, recorded; a study replays ------------------------
 
 def _params(url, name="tiny"):
