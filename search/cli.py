@@ -615,8 +615,13 @@ def list_(storage: StorageOpt = None) -> None:
     if not rows:
         out.print("no studies")
     for r in rows:
-        best = f"{r['best']:.4f}" if r["best"] is not None else "-"
-        out.print(f"{r['name']:<30} trials {r['n_trials']:>5}  best {best}", markup=False)
+        if r["front"] is not None:
+            what = f"Pareto front {r['front']} trial{'s' if r['front'] != 1 else ''}"
+        else:
+            what = f"best {r['best']:.4f}" if r["best"] is not None else "best -"
+        if r["final_of"] is not None:
+            what += f"  (final stage of {r['final_of']})"
+        out.print(f"{r['name']:<30} trials {r['n_trials']:>5}  {what}", markup=False)
 
 
 @app.command()

@@ -44,7 +44,7 @@ import optuna
 from optuna.trial import TrialState
 
 from search import config, objectives, space
-from search.errors import CheckpointError, StudyError, first_line
+from search.errors import CheckpointError, ExportError, StudyError, first_line
 from search.storage import UID_ATTR, claim_numbered_attr, connection_problem, storage_of, stored_trial
 
 SUFFIX = ".final"
@@ -94,27 +94,54 @@ def load_child(parent: optuna.Study) -> optuna.Study | None:
     return child
 
 
+def _candidates(trials: list[optuna.trial.FrozenTrial], spec) -> tuple[list[optuna.trial.FrozenTrial],
+                                                                         optuna.trial.FrozenTrial | None, list[str]]:
+    """(the trials the finalists are taken from, best first; the Pareto pick or None; notes).
+    One objective: the completed trials. Several: the trial `final.pick` chooses from the front,
+    then the front's trials no larger than it (so a finalist keeps what the pick promised)."""
+    if not spec.multi:
+        return objectives.ranked(trials, spec.objectives), None, []
+    try:
+        picked = objectives.pick(trials, spec.objectives, spec.final.pick, where=f"final.pick {spec.final.pick}")
+    except ExportError as exc:
+        return [], None, [first_line(exc)]
+    front = objectives.pareto_front(trials, spec.objectives)
+    top = [t for t in front if objectives.no_larger(t, picked, spec.objectives)]
+    values = ", ".join(f"{o.name} {v:,.4g}" for o, v in zip(spec.objectives, picked.values) if not o.learned)
+    return top, picked, [f"final.pick {spec.final.pick}: trial {picked.number} ({values}); finalists from it "
+                         "and the Pareto front's trials no larger"]
+
+
 def _finalists(parent: optuna.Study, spec) -> tuple[list[dict], list[str]]:
     """The finalist jobs (params and user attrs) and notes for the user."""
-    final, notes = spec.final, []
+    final = spec.final
     trials = parent.get_trials(deepcopy=False)
-    top = objectives.ranked(trials, spec.objectives)
-    if len(top) < final.finalists:
-        notes.append(f"{final.finalists} finalists asked for, {len(top)} completed search "
-                     f"trial{'s' if len(top) != 1 else ''}: {len(top)} finalist{'s' if len(top) != 1 else ''}")
+    top, picked, notes = _candidates(trials, spec)
+    if len(top) < final.finalists and (picked or not spec.multi):
+        what = "Pareto trials no larger than the pick" if picked else "completed search trials"
+        notes.append(f"{final.finalists} finalists asked for, {len(top)} {what}: "
+                     f"{len(top)} finalist{'s' if len(top) != 1 else ''}")
     jobs = [{"params": dict(t.params), "rank": k, "source_trial": t.number}
             for k, t in enumerate(top[:final.finalists], 1)]
-    if final.baseline and spec.enqueue:
+    if final.baseline and spec.enqueue and (picked or not spec.multi):
         start = spec.enqueue[0]
-        if not any(j["params"] == start for j in jobs):
-            same = [t for t in trials if t.params == start]
-            source = same[0].number if same else None
-            rank = next((k for k, t in enumerate(top, 1) if t.params == start), None)
-            jobs.append({"params": dict(start), "rank": rank, "source_trial": source, "baseline": True})
+        # The start's own search trial (an [[enqueue]] entry may leave parameters to the sampler):
+        # a completed one if any; its params, all of them, are what the finalist trains.
+        same = [t for t in trials if all(k in t.params and t.params[k] == v for k, v in start.items())]
+        done = [t for t in same if t.state == TrialState.COMPLETE and objectives.feasible(t)]
+        own = (done or same or [None])[0]
+        params = dict(own.params) if own is not None else dict(start)
+        if picked is not None and not (done and objectives.no_larger(done[0], picked, spec.objectives)):
+            why = "larger than the pick" if done else "no feasible completed search trial to size it by"
+            notes.append(f"the study's start ([[enqueue]] 1) is not a finalist: {why}")
+        elif not any(j["params"] == params for j in jobs):
+            source = own.number if own is not None else None
+            rank = next((k for k, t in enumerate(top, 1) if t.number == source), None)
+            jobs.append({"params": params, "rank": rank, "source_trial": source, "baseline": True})
             notes.append(f"the study's start ([[enqueue]] 1, trial {source}) added as a finalist"
                          + (f" (search rank {rank})" if rank else " (it did not complete in the search)"))
         else:
-            next(j for j in jobs if j["params"] == start)["baseline"] = True
+            next(j for j in jobs if j["params"] == params)["baseline"] = True
     return jobs, notes
 
 
@@ -248,7 +275,7 @@ def _stale_claim(claims: list[dict]) -> bool:
 
 
 def _enqueue_seeds(child: optuna.Study, spec, store: CheckpointStore | None) -> None:
-    chosen = choose(child, spec.objectives[0])
+    chosen = choose(child, spec.learned)
     if chosen is None:
         child.set_user_attr(NOTES_ATTR, [*child.user_attrs.get(NOTES_ATTR, []),
                                          "no finalist finished its final training: no seed runs"])
@@ -303,7 +330,7 @@ def make_job(spec, *, device: str = "auto", on_epoch: Callable[[int, int, dict],
     from search.artifacts import TrialCheckpoint
     from search.objective import OverBudget
 
-    goal = spec.objectives[0]
+    goal = spec.learned
     metric, last = goal.name, spec.final.average_last
 
     def run_job(trial: optuna.Trial, attrs: dict, ckpt: TrialCheckpoint, replaced: list[int]) -> float:
@@ -421,7 +448,7 @@ def results(parent: optuna.Study, spec) -> dict | None:
     if attrs.get(PARENT_ATTR) not in (None, parent.user_attrs.get(UID_ATTR)):
         return None  # an earlier study of this name's stage (should have been deleted with it)
     trials = child.get_trials(deepcopy=False)
-    goal = spec.objectives[0]
+    goal = spec.learned
 
     def row(t: optuna.trial.FrozenTrial) -> dict:
         a = t.user_attrs

@@ -206,41 +206,68 @@ def knee(front: Sequence[FrozenTrial], objectives: Sequence[Objective]) -> Froze
 _PICK = re.compile(r"(max_\w+)\s*=\s*([0-9.eE+_-]+)")
 
 
-def pick(trials: Iterable[FrozenTrial], objectives: Sequence[Objective], rule: str) -> FrozenTrial:
+def parse_pick(rule: object) -> tuple[str, float] | None:
+    """A pick rule: None for "knee", else (static metric, limit) for "max_params=300000" (also
+    max_macs, max_latency_ms).
+
+    Raises:
+        ValueError: neither, with what is wrong (the caller names where the rule came from).
+    """
+    if not isinstance(rule, str):
+        raise ValueError(f"expected a string, knee or LIMIT=NUMBER, got {rule!r}")
+    if rule.strip() == "knee":
+        return None
+    m = _PICK.fullmatch(rule.strip())
+    if not m or m[1] not in LIMITS:
+        raise ValueError(f"expected knee or LIMIT=NUMBER with LIMIT one of {', '.join(LIMITS)}, like max_params=300000")
+    try:
+        limit = float(m[2].replace("_", ""))
+    except ValueError:
+        raise ValueError(f"{m[2]!r} is not a number") from None
+    return LIMITS[m[1]], limit
+
+
+def pick(trials: Iterable[FrozenTrial], objectives: Sequence[Objective], rule: str,
+         where: str | None = None) -> FrozenTrial:
     """The Pareto trial `rule` asks for: "knee" (see `knee`), or "max_params=300000" (also
     max_macs, max_latency_ms): the best learned value among the front's trials within it.
+    `where` starts the error lines (default "--pick RULE").
 
     Raises:
         ExportError: a rule that is neither, a single-objective study, no Pareto trial yet, or no
             Pareto trial within the limit (the line names the nearest one).
     """
+    where = where or f"--pick {rule}"
     if len(objectives) < 2:
-        raise ExportError(f"--pick {rule}: study has one objective; --pick chooses from a multi-objective "
+        raise ExportError(f"{where}: study has one objective; --pick chooses from a multi-objective "
                           "study's Pareto front (use --rank or --trial)")
+    try:
+        parsed = parse_pick(rule)
+    except ValueError as exc:
+        raise ExportError(f"{where}: {exc}") from None
     front = pareto_front(trials, objectives)
     if not front:
-        raise ExportError(f"--pick {rule}: the study has no feasible completed trial yet")
-    if rule.strip() == "knee":
+        raise ExportError(f"{where}: the study has no feasible completed trial yet")
+    if parsed is None:
         return knee(front, objectives)
-    m = _PICK.fullmatch(rule.strip())
-    if not m or m[1] not in LIMITS:
-        raise ExportError(f"--pick {rule}: expected knee or LIMIT=NUMBER with LIMIT one of {', '.join(LIMITS)}, "
-                          "like --pick max_params=300000")
-    metric = LIMITS[m[1]]
-    try:
-        limit = float(m[2].replace("_", ""))
-    except ValueError:
-        raise ExportError(f"--pick {rule}: {m[2]!r} is not a number") from None
+    metric, limit = parsed
     having = [(t, metric_value(t, objectives, metric)) for t in front]
     having = [(t, v) for t, v in having if v is not None]
     if not having:
-        raise ExportError(f"--pick {rule}: the study's trials have no {metric} recorded")
+        raise ExportError(f"{where}: the study's trials have no {metric} recorded")
     within = [t for t, v in having if v <= limit]
     if not within:
         nearest, value = min(having, key=lambda tv: (tv[1], tv[0].number))
-        raise ExportError(f"--pick {rule}: no Pareto trial has {metric} <= {_fmt(limit)}; the smallest is "
+        raise ExportError(f"{where}: no Pareto trial has {metric} <= {_fmt(limit)}; the smallest is "
                           f"trial {nearest.number} with {_fmt(value)}")
     return within[0]  # the front is ordered by the learned objective
+
+
+def no_larger(trial: FrozenTrial, than: FrozenTrial, objectives: Sequence[Objective]) -> bool:
+    """`trial` is at most `than` in every static objective (no bigger, no slower): a final-stage
+    finalist of a Pareto pick (search/finalstage.py) keeps what the pick promised."""
+    pairs = [(a, b) for o, a, b in zip(objectives, trial.values or (), than.values or ()) if not o.learned]
+    return trial.values is not None and all(a <= b for a, b in pairs)
 
 
 def _fmt(value: float) -> str:

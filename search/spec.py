@@ -27,13 +27,14 @@ import optuna
 
 from . import check, config
 from .errors import SpecError, first_line
+from . import objectives
 from .objectives import LEARNED, Objective, objective, parse_objectives
 from .config import DATA_FIELDS
 from .space import (Param, SpaceError, apply_params, check_space, contains, corner_params, fill_params, is_active,
                     parse_param, split_target, suggest_params)
 
 SECTIONS = ("study", "data", "fixed", "space", "sampler", "pruner", "enqueue", "final", "warm_start")
-FINAL_KEYS = ("finalists", "epochs", "full_data", "stretch_schedule", "seeds", "average_last", "baseline")
+FINAL_KEYS = ("finalists", "epochs", "full_data", "stretch_schedule", "seeds", "average_last", "baseline", "pick")
 WARM_START_KEYS = ("study", "top")
 STUDY_KEYS = ("name", "direction", "metric", "objectives", "directions", "n_trials", "timeout", "description",
               "max_params", "max_memory", "max_macs", "max_latency_ms", "latency_batch")
@@ -72,7 +73,10 @@ class FinalSpec:
     stretch_schedule: bool = True  # StepLR's step_size scaled to the new epochs (cosine, onecycle follow epochs anyway)
     seeds: int = 3
     average_last: int = 1  # the choice: validation metric averaged over this many last epochs
-    baseline: bool = True  # the first [[enqueue]] entry is always a finalist
+    baseline: bool = True  # the first [[enqueue]] entry is always a finalist (with `pick`: if no larger)
+    # Several objectives: the Pareto trial the stage starts from (objectives.pick: "knee" or
+    # "max_params=300000"); the finalists are it and the best front trials no larger than it.
+    pick: str | None = None
 
 
 @dataclass(frozen=True)
@@ -247,7 +251,8 @@ def spec_to_dict(spec: StudySpec) -> dict[str, Any]:
         "pruner": {"name": spec.pruner.name, "kwargs": spec.pruner.kwargs},
         "enqueue": list(spec.enqueue),
         # left out when absent: specs stored before these sections compare equal
-        **({"final": dataclasses.asdict(spec.final)} if spec.final is not None else {}),
+        **({"final": {k: v for k, v in dataclasses.asdict(spec.final).items() if not (k == "pick" and v is None)}}
+           if spec.final is not None else {}),
         **({"warm_start": dataclasses.asdict(spec.warm_start)} if spec.warm_start is not None else {})})
 
 
@@ -406,13 +411,30 @@ def _bool_key(table: Mapping[str, Any], section: str, key: str, default: bool) -
     return value
 
 
+def _parse_pick(rule: Any, objectives_: tuple[Objective, ...]) -> str | None:
+    """`final.pick`: "knee" by default in a multi-objective study; refused in a single-objective one."""
+    if len(objectives_) == 1:
+        if rule is not None:
+            raise _Invalid(f"final.pick: {rule!r} picks from a Pareto front; this study has one objective "
+                           f"({objectives_[0].name}), its finalists are its best trials")
+        return None
+    rule = "knee" if rule is None else rule
+    try:
+        parsed = objectives.parse_pick(rule)
+    except ValueError as exc:
+        raise _Invalid(f"final.pick: {exc}") from None
+    static = [o.name for o in objectives_ if not o.learned]
+    if parsed is not None and parsed[0] not in static:
+        raise _Invalid(f"final.pick: {rule.strip()} limits {parsed[0]}, which is not one of the study's objectives "
+                       f"({', '.join(o.name for o in objectives_)})")
+    return rule.strip()
+
+
 def _parse_final(doc: Mapping[str, Any], enqueue: tuple[dict, ...], head: Mapping[str, Any]) -> FinalSpec | None:
     if "final" not in doc:
         return None
-    if len(head["objectives"]) > 1:
-        raise _Invalid("final: [final] needs a single-objective study; choose a configuration from the Pareto "
-                       "front with cnnsearch export NAME --pick ..., then cnnsearch train it")
     table = _table(doc, "final", FINAL_KEYS)
+    pick = _parse_pick(table.get("pick"), head["objectives"])
     d = FinalSpec()
     final = FinalSpec(finalists=_int_key(table, "final", "finalists", d.finalists),
                       epochs=_int_key(table, "final", "epochs", d.epochs),
@@ -420,7 +442,7 @@ def _parse_final(doc: Mapping[str, Any], enqueue: tuple[dict, ...], head: Mappin
                       stretch_schedule=_bool_key(table, "final", "stretch_schedule", d.stretch_schedule),
                       seeds=_int_key(table, "final", "seeds", d.seeds),
                       average_last=_int_key(table, "final", "average_last", d.average_last),
-                      baseline=_bool_key(table, "final", "baseline", d.baseline))
+                      baseline=_bool_key(table, "final", "baseline", d.baseline), pick=pick)
     epochs = final.epochs
     if epochs is not None and final.average_last > epochs:
         raise _Invalid(f"final.average_last: {final.average_last} epochs, more than the final "

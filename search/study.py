@@ -165,11 +165,18 @@ def load(name: str, store: Store | str | None = None, *, validate: bool = True,
 
 
 def list_studies(store: Store | str | None = None) -> list[dict]:
+    """A row per study: name, n_trials, best (one objective: the best value), front (several:
+    how many trials are on Optuna's Pareto front), final_of (a final stage's child study: the
+    study it finishes), started."""
     storage = open_store(store, heartbeat_interval=None, create=False).storage
     rows = []
     for s in optuna.get_all_study_summaries(storage, include_best_trial=True):
+        multi = len(s.directions) > 1
+        front = len(optuna.load_study(study_name=s.study_name, storage=storage).best_trials) if multi else None
         rows.append({"name": s.study_name, "n_trials": s.n_trials,
-                     "best": s.best_trial.value if s.best_trial else None,
+                     "best": s.best_trial.value if s.best_trial and not multi else None, "front": front,
+                     "final_of": s.study_name.removesuffix(finalstage.SUFFIX)
+                     if s.study_name.endswith(finalstage.SUFFIX) else None,
                      "started": s.datetime_start})
     return sorted(rows, key=lambda r: r["name"])
 

@@ -7,6 +7,7 @@ status, best, export and export --model; a killed finalist resumes from its chec
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
-from search import finalstage
+from search import finalstage, objectives
 from search import spec as spec_mod
 from search import study as study_mod
 from search.cli import app
@@ -25,6 +26,7 @@ from search.storage import open_storage
 from search.worker import run_worker
 from studykit import assert_one_line_error, start_worker, tiny_study
 
+runner = CliRunner()
 BASELINE = '[[enqueue]]\nlr = 3e-3\noptimizer = "adam"\n'  # the study's start
 FINAL = "\n[final]\nfinalists = 2\nepochs = 4\nseeds = 2\n"
 
@@ -87,7 +89,6 @@ def test_status_best_export_and_predict_show_the_final_model(tmp_path):
     url, spec = _study(tmp_path)
     run_worker("fin", url, device="cpu", worker_index=0)
     res = _results(url)
-    runner = CliRunner()
     status = runner.invoke(app, ["status", "fin", "--storage", url])
     assert status.exit_code == 0, status.output
     line = f"final: test acc {res['test_mean']:.2%} ± {res['test_std']:.2%} over 2 seeds"
@@ -119,7 +120,7 @@ def test_status_best_export_and_predict_show_the_final_model(tmp_path):
 
 def test_export_model_before_the_final_stage_is_one_line(tmp_path):
     url, spec = _study(tmp_path)
-    result = CliRunner().invoke(app, ["export", "fin", "--storage", url, "--model", str(tmp_path / "m.pt")])
+    result = runner.invoke(app, ["export", "fin", "--storage", url, "--model", str(tmp_path / "m.pt")])
     assert_one_line_error(result, "has no final stage yet")
     assert not (tmp_path / "m.pt").exists()
 
@@ -264,7 +265,7 @@ def test_warm_start_from_a_missing_study_is_one_line_and_creates_nothing(tmp_pat
     path = tmp_path / "warm.toml"
     path.write_text(tiny_study(tmp_path, name="warm").read_text() + '\n[warm_start]\nstudy = "nope"\n')
     url = f"sqlite:///{tmp_path}/w.db"
-    result = CliRunner().invoke(app, ["create", str(path), "--storage", url])
+    result = runner.invoke(app, ["create", str(path), "--storage", url])
     assert_one_line_error(result, "warm_start.study: no study named 'nope'")
     assert study_mod.list_studies(url) == []
 
@@ -284,3 +285,41 @@ def test_a_job_stands_for_its_best_trial_and_duplicates_are_found():
         t.number = k
     assert finalstage.duplicate_of(running[2], running) == 1  # the earlier copy goes on
     assert finalstage.duplicate_of(running[1], running) is None
+
+
+def test_a_multi_objective_final_stage_trains_the_pick_and_no_larger_front_trials(tmp_path):
+    """[final] pick = "knee" in an accuracy-vs-size study: the finalists are the front's knee and
+    the best front trials no larger than it (the start only if it is no larger either); the
+    choice, seeds and test read are as with one objective; list, status and export show it."""
+    width = '[space.width]\ntype = "categorical"\nchoices = [2, 8, 32]\ntarget = "model_params.channels[1]"\n'
+    path = tiny_study(tmp_path, name="mo", n_trials=8, epochs=3, pruner='name = "NopPruner"',
+                      extra_study='objectives = ["val_acc", "n_params"]',
+                      enqueue=BASELINE + width + '\n[final]\npick = "knee"\nfinalists = 2\nepochs = 4\nseeds = 2\n')
+    path.write_text(path.read_text().replace("low = 1e-6", "low = 3e-3"))
+    url = f"sqlite:///{tmp_path}/s.db"
+    study_mod.create(spec_mod.load_spec(path), url)
+    assert run_worker("mo", url, device="cpu", worker_index=0).stopped_because == "final stage done"
+    study, spec = study_mod.load("mo", url)
+    trials = study.get_trials()
+    picked = objectives.pick(trials, spec.objectives, "knee")
+    res = finalstage.results(study, spec)
+    assert res["done"] and res["test_mean"] is not None and len(res["seeds"]) == 2
+    by_number = {t.number: t for t in trials}
+    sources = [f["source_trial"] for f in res["finalists"]]
+    assert sources[0] == picked.number
+    size = {n: by_number[n].values[1] for n in sources}
+    assert all(size[n] <= picked.values[1] for n in sources), (size, picked.values)
+    start = by_number[0]  # the enqueued start: a finalist exactly when it is no larger than the pick
+    assert (0 in sources) == (start.values[1] <= picked.values[1]), (sources, start.values, picked.values)
+    assert any(n.startswith(f"final.pick knee: trial {picked.number} ") for n in res["notes"]), res["notes"]
+    assert all(f["test_acc"] is None for f in res["finalists"])
+    listed = runner.invoke(app, ["list", "--storage", url]).stdout.splitlines()
+    assert listed[0].startswith("mo ") and "Pareto front" in listed[0]
+    assert listed[1].startswith("mo.final ") and listed[1].endswith("(final stage of mo)")
+    status = runner.invoke(app, ["status", "mo", "--storage", url])
+    assert status.exit_code == 0 and "final: test acc " in status.stdout, status.output
+    out = tmp_path / "best.json"
+    exported = runner.invoke(app, ["export", "mo", "--storage", url, "-o", str(out)])
+    assert exported.exit_code == 0, exported.output
+    doc = json.loads(out.read_text())
+    assert doc["provenance"]["final"]["test_mean"] == res["test_mean"] and doc["config"]["epochs"] == 4

@@ -67,11 +67,19 @@ def test_a_single_objective_specs_dict_is_as_before(tmp_path):
     ("max_macs = -1\n", "study.max_macs", "a number > 0"),
     ('max_latency_ms = "fast"\n', "study.max_latency_ms", "a number > 0"),
     ("latency_batch = 0\n", "study.latency_batch", ">= 1"),
-    ('objectives = ["val_acc", "n_params"]\n' + LR + "[final]\nfinalists = 2\n", "final",
-     "[final] needs a single-objective study"),
+    (LR + '[final]\npick = "knee"\n', "final.pick", "picks from a Pareto front; this study has one objective"),
+    ('objectives = ["val_acc", "n_params"]\n' + LR + '[final]\npick = "max_flops=3"\n', "final.pick",
+     "expected knee or LIMIT=NUMBER"),
+    ('objectives = ["val_acc", "n_params"]\n' + LR + '[final]\npick = "max_params=lots"\n', "final.pick",
+     "expected knee or LIMIT=NUMBER"),
+    ('objectives = ["val_acc", "n_params"]\n' + LR + "[final]\npick = 300000\n", "final.pick",
+     "expected a string"),
+    ('objectives = ["val_acc", "n_params"]\n' + LR + '[final]\npick = "max_macs=1e6"\n', "final.pick",
+     "limits macs, which is not one of the study's objectives"),
 ], ids=["unknown name", "two learned", "no learned", "twice", "not a list", "contradicting direction",
         "directions length", "metric too", "directions alone", "limit on learned (multi)", "limit on learned",
-        "negative limit", "string limit", "latency batch", "final stage"])
+        "negative limit", "string limit", "latency batch", "pick, one objective", "pick, unknown limit",
+        "pick, not a number", "pick, not a string", "pick, not an objective"])
 def test_bad_objectives_and_limits_are_one_line_naming_file_and_key(tmp_path, text, key, words):
     path = write(tmp_path, STUDY + text + ("" if LR in text else LR))
     with pytest.raises(SpecError) as info:
@@ -296,4 +304,4 @@ def test_a_multi_objective_study_prunes_a_trial_poor_for_its_size(tmp_path):
 def test_shipped_pareto_studies_load():
     for name in ("digits_pareto", "mnist_pareto"):
         spec = load_spec(SHIPPED / f"{name}.toml")
-        assert [o.name for o in spec.objectives] == ["val_acc", "n_params"] and spec.final is None
+        assert [o.name for o in spec.objectives] == ["val_acc", "n_params"] and spec.final.pick is not None
