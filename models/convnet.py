@@ -3,6 +3,7 @@
 A convnet is a stack of blocks, then a head, then a fully connected classifier:
 
     block b:    convs[b] x (Conv2d -> [BatchNorm2d] -> activation) -> [pool] -> [dropout]
+                (channels[b] x width wide; `width` scales the fc widths too)
                 (block_order "conv_act_dropout_bn_pool", the three-conv notebook's:
                  convs[b] x (Conv2d -> activation -> [dropout] -> [BatchNorm2d]) -> [pool])
     head:       Flatten, or AdaptiveAvg/MaxPool2d(adaptive_size) -> Flatten
@@ -53,6 +54,9 @@ DEFAULTS: dict[str, Any] = {
     # then dropout. "conv_act_dropout_bn_pool": Conv -> act -> dropout -> BN per conv, then pool
     # (the dropout is per conv, before the pool).
     "block_order": BLOCK_ORDERS[0],
+    # Scales every conv's channels and every hidden fc width (rounded, at least 1): one knob for
+    # a network's size that keeps its shape, as EfficientNet's width coefficient does. 1: as given.
+    "width": 1.0,
 }
 
 # A check is (predicate, what the value must be); the message names the key that failed it.
@@ -68,6 +72,8 @@ def _one_of(options: Any) -> Check:
 
 
 POSITIVE_INT: Check = (lambda v: _is_int(v) and v >= 1, "a positive integer")
+POSITIVE_NUMBER: Check = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf"),
+                          "a number > 0")
 PADDING: Check = (lambda v: v == "same" or (_is_int(v) and v >= 0), "a non-negative integer or 'same'")
 PROBABILITY: Check = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1,
                       "a probability in [0, 1)")
@@ -90,6 +96,7 @@ SCALARS: dict[str, Check] = {
     "fc_dropout": PROBABILITY,
     "fc_batchnorm": BOOL,
     "block_order": _one_of(BLOCK_ORDERS),
+    "width": POSITIVE_NUMBER,
 }
 
 
@@ -136,6 +143,9 @@ def resolve_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
         p[key] = [_check(name, f"{key}[{i}]", v, check) for i, v in enumerate(value)]
     for key, check in SCALARS.items():
         _check(name, key, p[key], check)
+    if p["width"] != 1:
+        p["channels"] = [max(1, round(c * p["width"])) for c in p["channels"]]
+        p["fc"] = [max(1, round(w * p["width"])) for w in p["fc"]]
     return p
 
 

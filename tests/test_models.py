@@ -125,6 +125,17 @@ def test_presets_accept_convnet_overrides():
         conv(1, 32) + conv(32, 64) + linear(64 * 5 * 5, 64) + linear(64, 10))
 
 
+def test_width_scales_every_conv_and_hidden_fc_and_keeps_the_layout():
+    """cifar_sixconv (32/64/128 channels, two convs a block, fc 128) at width 0.5 and 1.5."""
+    for width, (c1, c2, c3, f) in ((0.5, (16, 32, 64, 64)), (1.5, (48, 96, 192, 192))):
+        expected = (conv(3, c1) + conv(c1, c1) + conv(c1, c2) + conv(c2, c2) + conv(c2, c3) + conv(c3, c3)
+                    + linear(c3 * 4 * 4, f) + linear(f, 10))
+        assert count_parameters(build("cifar_sixconv", CIFAR, width=width)) == expected
+    assert count_parameters(build("cifar_sixconv", CIFAR, width=1)) == EXPECTED_PARAMS["cifar_sixconv"]
+    assert count_parameters(build("convnet", DIGITS, channels=[2], fc=[3], width=0.1)) == (
+        conv(1, 1) + linear(1 * 3 * 3, 1) + linear(1, 10))  # rounded, never below one
+
+
 def test_unknown_model_lists_valid_names():
     with pytest.raises(UnknownModelError) as err:
         build("resnet9000")
@@ -150,6 +161,9 @@ def test_unknown_model_lists_valid_names():
     ("convnet", {"block_order": "conv_act_bn_pool"}, "block_order"),
     ("cifar_threeconv_bn", {"block_order": None}, "block_order"),
     ("convnet", {"chanels": [8]}, "chanels"),
+    ("convnet", {"width": 0}, "width"),
+    ("convnet", {"width": "wide"}, "width"),
+    ("cifar_sixconv", {"width": float("inf")}, "width"),
     ("cifar_sixconv", {"pool": "maxx"}, "pool"),
     ("lenet5", {"activaton": "relu"}, "activaton"),
 ])
