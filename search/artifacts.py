@@ -375,6 +375,7 @@ class TrialCheckpoint:
         self.prefix = f"{trial.study.study_name}-trial{trial.number if first is None else first}-"
         self.current = user_attrs.get(CHECKPOINT_ATTR) if store is not None else None
         self.state = None  # the TrainState that `save` saves
+        self.kept = False  # `keep`: the last checkpoint outlives the trial
         self._warned = False
 
     def saved_run(self, retry_history: list[int]) -> dict | None:
@@ -432,10 +433,15 @@ class TrialCheckpoint:
         if old:
             self.store.remove(old)
 
+    def keep(self) -> None:
+        """The trial's last checkpoint outlives it (a final-stage finalist carries the run on,
+        search/finalstage.py, which removes it): `drop` leaves it."""
+        self.kept = True
+
     def drop(self) -> None:
         """The trial is over and will not be retried: remove its checkpoints (and any its line of
-        retries left behind)."""
-        if self.store is not None:
+        retries left behind), but a kept last one."""
+        if self.store is not None and not self.kept:
             if self.current:
                 self.store.remove(self.current)
             self.store.remove_all(self.prefix)

@@ -228,15 +228,26 @@ class TrainState:
                              "stop_reason": self.stop_reason},
                 "rng": {"data_order": self.generator.get_state(), **self.rng}}
 
-    def load_state_dict(self, saved: dict) -> None:
+    def load_state_dict(self, saved: dict, *, longer: bool = False) -> None:
         """Continue a saved run in this freshly started state; sets the global torch RNGs at once.
 
+        Args:
+            saved: a `state_dict()`.
+            longer: this run may have more epochs than the saved one (a search trial's last state
+                carried on by its final-stage finalist): where the schedule does not depend on
+                the length (none, StepLR), the run ends as one trained this long from the start.
+
         Raises:
-            CheckpointError: the saved run had other settings (`PLACE_KEYS` aside) or another data split.
+            CheckpointError: the saved run had other settings (`PLACE_KEYS` aside; `epochs` too
+                unless `longer` and it had at most these), another data split, or a schedule
+                whose steps depend on the run's length (cosine, one-cycle) with other epochs.
         """
         mine = to_dict(self.cfg)
-        differ = [k for k in mine if k not in PLACE_KEYS and saved["cfg"].get(k) != mine[k]]
+        same = PLACE_KEYS + (("epochs",) if longer and saved["cfg"]["epochs"] <= mine["epochs"] else ())
+        differ = [k for k in mine if k not in same and saved["cfg"].get(k) != mine[k]]
         differ += ["full_train"] if saved["full_train"] != self.full_train else []
+        if longer and self.per_batch and saved["cfg"]["epochs"] != mine["epochs"]:
+            differ.append(f"epochs (a {self.cfg.scheduler} schedule is defined on the run's length)")
         if differ:
             raise CheckpointError(f"the saved run is another run: {', '.join(differ)} differ")
         self.model.load_state_dict(saved["model"])
@@ -246,6 +257,8 @@ class TrainState:
         p = saved["progress"]
         self.epoch, self.best_val_acc, self.best_epoch = p["epoch"], p["best_val_acc"], p["best_epoch"]
         self.history, self.stop_reason = [dict(h) for h in p["history"]], p["stop_reason"]
+        if self.stop_reason == "finished" and self.epoch < self.cfg.epochs:
+            self.stop_reason = None  # a longer run goes on where the saved one finished
         rng = saved["rng"]
         self.generator.set_state(rng["data_order"].cpu())
         # A run saved on the CPU has no CUDA stream: this one's, seeded by start(), stays.

@@ -44,6 +44,7 @@ import optuna
 from optuna.trial import TrialState
 
 from search import config, objectives, space
+from search.artifacts import CHECKPOINT_ATTR
 from search.errors import CheckpointError, ExportError, StudyError, first_line
 from search.storage import UID_ATTR, claim_numbered_attr, connection_problem, storage_of, stored_trial
 
@@ -53,6 +54,7 @@ READY_ATTR = "finalists_enqueued"  # child study user attr, set last by its crea
 SEEDS_CLAIM = "seed_plan:"  # claim_numbered_attr prefix: index 0 enqueues the seed runs
 SEEDS_ATTR = "seeds_enqueued"  # child study user attr: the chosen finalist's trial number, once seeds are queued
 NOTES_ATTR = "notes"  # child study user attr: what the stage says to the user (fewer finalists than asked, ...)
+KEPT_ATTR = "kept_for_final"  # search trial user attr: its last checkpoint stays for a finalist to carry on
 if TYPE_CHECKING:  # the read side (results, status, report) loads no torch; training imports it lazily
     from search.artifacts import CheckpointStore, TrialCheckpoint
 
@@ -76,6 +78,53 @@ def final_config(spec, params: dict) -> config.RunConfig:
     if final.stretch_schedule and cfg.scheduler == "step" and epochs != cfg.epochs:
         changes["step_size"] = max(1, round(cfg.step_size * epochs / cfg.epochs))
     return cfg.replace(**changes)
+
+
+def continues(spec, params: dict) -> bool:
+    """Whether a finalist of the search trial with `params` carries on from that trial's last
+    state instead of training again: its final config is the trial's but longer (same data, no
+    stretched StepLR), and the schedule does not depend on the run's length (none or StepLR; a
+    cosine or one-cycle run's early steps change with its length). Such a finalist ends exactly
+    as one trained at the final budget from the start would, minus the epochs the trial trained.
+    One objective only (a Pareto pick is known only when the search is over)."""
+    if spec.final is None or spec.multi:
+        return False
+    trial_cfg = space.params_to_config(spec, params)
+    final_cfg = final_config(spec, params)
+    return (final_cfg.epochs >= trial_cfg.epochs and final_cfg.replace(epochs=trial_cfg.epochs) == trial_cfg
+            and trial_cfg.scheduler in ("none", "step"))
+
+
+def _is_start(params: dict, start: dict) -> bool:
+    """A trial of the study's start: its [[enqueue]] entry's keys, the sampler's draws aside."""
+    return all(k in params and params[k] == v for k, v in start.items())
+
+
+def keep_for_final(trial: optuna.Trial, spec, params: dict, value: float, store: CheckpointStore | None) -> bool:
+    """At a search trial's successful end: whether its last checkpoint stays for the final stage
+    (`continues`), recorded as the user attr KEPT_ATTR. Kept: the start's, and those of the
+    `final.finalists` best trials so far; a kept one that this trial pushes out of that rank is
+    removed now, so the store holds at most finalists + 1 of them until the final stage ends."""
+    if store is None or not continues(spec, params):
+        return False
+    goal, k = spec.learned, spec.final.finalists
+    start = spec.enqueue[0] if spec.final.baseline and spec.enqueue else None
+
+    def better(a: float, b: float) -> bool:
+        return a > b if goal.maximize else a < b
+
+    def the_start(p: dict) -> bool:
+        return start is not None and _is_start(p, start)
+
+    done = [t for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    if sum(better(t.value, value) for t in done) >= k and not the_start(params):
+        return False
+    for t in done:
+        if t.user_attrs.get(KEPT_ATTR) and t.user_attrs.get(CHECKPOINT_ATTR) and not the_start(t.params):
+            if sum(better(o.value, t.value) for o in done) + better(value, t.value) >= k:
+                store.remove(t.user_attrs[CHECKPOINT_ATTR])  # no finalist's any more
+    trial.set_user_attr(KEPT_ATTR, True)
+    return True
 
 
 def job_value(history: list[dict], goal: objectives.Objective, last: int) -> float | None:
@@ -127,7 +176,7 @@ def _finalists(parent: optuna.Study, spec) -> tuple[list[dict], list[str]]:
         start = spec.enqueue[0]
         # The start's own search trial (an [[enqueue]] entry may leave parameters to the sampler):
         # a completed one if any; its params, all of them, are what the finalist trains.
-        same = [t for t in trials if all(k in t.params and t.params[k] == v for k, v in start.items())]
+        same = [t for t in trials if _is_start(t.params, start)]
         done = [t for t in same if t.state == TrialState.COMPLETE and objectives.feasible(t)]
         own = (done or same or [None])[0]
         params = dict(own.params) if own is not None else dict(start)
@@ -274,7 +323,45 @@ def _stale_claim(claims: list[dict]) -> bool:
     return (datetime.now(timezone.utc) - newest).total_seconds() > WAIT_FOR_CREATOR
 
 
+def _parent(child: optuna.Study) -> optuna.Study:
+    return optuna.load_study(study_name=child.study_name.removesuffix(SUFFIX), storage=storage_of(child))
+
+
+def _drop_kept_states(child: optuna.Study, store: CheckpointStore | None) -> None:
+    """Every finalist is done: the search trials' kept last states (keep_for_final) go."""
+    if store is None:
+        return
+    for t in _parent(child).get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.user_attrs.get(KEPT_ATTR) and t.user_attrs.get(CHECKPOINT_ATTR):
+            store.remove(t.user_attrs[CHECKPOINT_ATTR])
+
+
+def _carry_on(trial: optuna.Trial, spec, params: dict, source: int | None, ckpt: TrialCheckpoint,
+              store: CheckpointStore | None, ds, device) -> None:
+    """A finalist whose search trial kept its last state (`keep_for_final`) carries that run on
+    to the final budget instead of training it again: `ckpt.state` becomes the trial's state,
+    made longer (user attr `continued_from`). A state that cannot be loaded: `carry_on_error`,
+    and the finalist trains from the start."""
+    from search import engine
+
+    if store is None or source is None or not continues(spec, params):
+        return
+    t = next((t for t in _parent(trial.study).get_trials(deepcopy=False) if t.number == source), None)
+    if t is None or not t.user_attrs.get(KEPT_ATTR) or not t.user_attrs.get(CHECKPOINT_ATTR):
+        return
+    state = ckpt.state  # fresh: nothing trained yet
+    try:
+        saved = store.load(t.user_attrs[CHECKPOINT_ATTR], f"search trial {source}'s last state")
+        state.load_state_dict(saved["state"], longer=True)
+    except Exception as exc:  # noqa: BLE001 - CheckpointError (gone, unreadable, another run's) or malformed
+        trial.set_user_attr("carry_on_error", f"{first_line(exc, with_type=True)}; trained from the start")
+        ckpt.state = engine.TrainState.start(state.cfg, ds, device)  # the load may have half-applied
+        return
+    trial.set_user_attr("continued_from", {"trial": source, "epoch": state.epoch})
+
+
 def _enqueue_seeds(child: optuna.Study, spec, store: CheckpointStore | None) -> None:
+    _drop_kept_states(child, store)
     chosen = choose(child, spec.learned)
     if chosen is None:
         child.set_user_attr(NOTES_ATTR, [*child.user_attrs.get(NOTES_ATTR, []),
@@ -375,6 +462,9 @@ def make_job(spec, *, device: str = "auto", on_epoch: Callable[[int, int, dict],
                 return job_value(history, goal, last)
         trial.set_user_attr("n_params", models.count_parameters(models.build_model(cfg, ds.in_shape, ds.num_classes)))
         state = ckpt.start(cfg, ds, resolved, replaced)
+        if attrs["role"] == "finalist" and state.epoch == 0:  # no run of its own to resume
+            _carry_on(trial, spec, params, attrs.get("source_trial"), ckpt, checkpoints, ds, resolved)
+            state = ckpt.state
 
         def report(epoch: int, m: dict, save: bool = True) -> None:
             if metric in m and math.isfinite(m[metric]):

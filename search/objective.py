@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import optuna
 
 import models
-from search import costs, datasets, engine, space
+from search import costs, datasets, engine, finalstage, space
 from search.artifacts import CheckpointStore, TrialCheckpoint
 from search.errors import first_line
 from search.objectives import WORST, poor_for_its_size
@@ -157,6 +157,8 @@ def make_objective(spec, *, device: str = "auto", on_epoch: EpochProgress | None
             raise optuna.TrialPruned(result.stop_reason)
         trial.set_user_attr("best_epoch", result.best_epoch)
         learned = goal.best_of(h[metric] for h in result.history)
+        if finalstage.keep_for_final(trial, spec, params, learned, checkpoints):
+            ckpt.keep()  # a finalist of the final stage carries this run on (finalstage.continues)
         return values_of(learned, measured) if multi else learned
 
     def objective(trial: optuna.Trial) -> float:

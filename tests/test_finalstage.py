@@ -7,6 +7,7 @@ status, best, export and export --model; a killed finalist resumes from its chec
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import time
@@ -323,3 +324,66 @@ def test_a_multi_objective_final_stage_trains_the_pick_and_no_larger_front_trial
     assert exported.exit_code == 0, exported.output
     doc = json.loads(out.read_text())
     assert doc["provenance"]["final"]["test_mean"] == res["test_mean"] and doc["config"]["epochs"] == 4
+
+
+def test_a_finalist_carries_its_search_trials_run_on_and_ends_as_one_trained_from_the_start(tmp_path):
+    """No subset and no schedule: a finalist's final config is its trial's, 4 epochs instead of 3.
+    It carries the trial's kept last state on for one more epoch, and ends with exactly the
+    history a run of 4 epochs from the start has; the kept states are gone after the stage."""
+    from search import engine
+
+    url, spec = _study(tmp_path)
+    run_worker("fin", url, device="cpu", worker_index=0)
+    res = _results(url)
+    by_number = {t.number: t for t in _child_trials(url)}
+    for f in res["finalists"]:
+        attrs = by_number[f["number"]].user_attrs
+        assert attrs["continued_from"] == {"trial": f["source_trial"], "epoch": 3}, attrs
+        assert len(f["history"]) == 4 and f["epochs_done"] == 4
+    chosen = res["chosen"]
+    cfg = finalstage.final_config(spec, chosen["params"]).replace(device="cpu")
+    fresh = engine.fit(cfg)
+    assert [h["val_acc"] for h in fresh.history] == [h["val_acc"] for h in chosen["history"]]
+    assert [h["train_loss"] for h in fresh.history] == [h["train_loss"] for h in chosen["history"]]
+    search = study_mod.load("fin", url)[0].get_trials()
+    kept = [t.number for t in search if t.user_attrs.get(finalstage.KEPT_ATTR)]
+    assert {f["source_trial"] for f in res["finalists"]} <= set(kept)
+    files = sorted(p.name for p in (tmp_path / "s-artifacts").iterdir())
+    assert files == sorted({s["model"] for s in res["seeds"]})  # no search trial's state left
+
+
+def test_a_schedule_defined_on_the_runs_length_is_never_carried_on(tmp_path):
+    """cosine: its early steps depend on the run's length, so a 3-epoch trial is no prefix of a
+    4-epoch run; StepLR stretched to the new length neither. Those finalists train afresh."""
+    url, spec = _study(tmp_path, n_trials=3)
+    assert finalstage.continues(spec, {"lr": 3e-3, "optimizer": "adam"})
+    cosine = spec_mod.spec_from_dict({**spec_mod.spec_to_dict(spec), "fixed": {**spec.fixed, "scheduler": "cosine"}})
+    assert not finalstage.continues(cosine, {"lr": 3e-3, "optimizer": "adam"})
+    step = spec_mod.spec_from_dict({**spec_mod.spec_to_dict(spec),
+                                    "fixed": {**spec.fixed, "scheduler": "step", "step_size": 2}})
+    assert not finalstage.continues(step, {"lr": 3e-3, "optimizer": "adam"})  # 2 -> 3 epochs a step at 4
+    unstretched = dataclasses.replace(step, final=dataclasses.replace(step.final, stretch_schedule=False))
+    assert finalstage.continues(unstretched, {"lr": 3e-3, "optimizer": "adam"})
+    subset = spec_mod.spec_from_dict({**spec_mod.spec_to_dict(spec), "data": {**spec.data, "subset": 200}})
+    assert not finalstage.continues(subset, {"lr": 3e-3, "optimizer": "adam"})  # full_data: other images
+
+
+def test_a_kept_state_that_cannot_be_read_is_one_line_and_the_finalist_trains_from_the_start(tmp_path):
+    url, spec = _study(tmp_path, n_trials=4)
+
+    def corrupt(study, trial):  # after the last search trial, before the final stage
+        if trial.number == 3:
+            for path in (tmp_path / "s-artifacts").iterdir():
+                path.write_bytes(b"not a checkpoint")
+
+    run_worker("fin", url, device="cpu", worker_index=0, on_trial=corrupt)
+    res = _results(url)
+    assert res["done"] and res["test_mean"] is not None
+    by_number = {t.number: t for t in _child_trials(url)}
+    search = study_mod.load("fin", url)[0].trials
+    kept = [f for f in res["finalists"] if search[f["source_trial"]].user_attrs.get(finalstage.KEPT_ATTR)]
+    assert kept  # the finalists' trials kept their states, which were then spoilt
+    for f in kept:
+        attrs = by_number[f["number"]].user_attrs
+        assert "continued_from" not in attrs and attrs["carry_on_error"].endswith("; trained from the start"), attrs
+        assert "\n" not in attrs["carry_on_error"] and f["epochs_done"] == 4
