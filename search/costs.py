@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from search import check
+from search.objectives import fmt
 
 WARMUP_RUNS = 3  # untimed forward passes first: allocator, cuDNN autotuning, oneDNN primitives
 TIMED_RUNS = 10  # the latency is the median of these
@@ -62,7 +63,7 @@ def violations(spec: Any, values: dict[str, float]) -> tuple[list[float], str | 
     """Optuna's constraint values for `spec.limits` (value - limit: > 0 violated, <= 0 kept), and
     one line saying which limits a trial broke (None: none)."""
     amounts = [float(values[metric] - limit) for metric, limit in spec.limits]
-    broken = [f"{metric} {_fmt(values[metric])} > study.{KEYS[metric]} = {_fmt(limit)}"
+    broken = [f"{metric} {fmt(values[metric])} > study.{KEYS[metric]} = {fmt(limit)}"
               for (metric, limit), amount in zip(spec.limits, amounts) if amount > 0]
     return amounts, "; ".join(broken) or None
 
@@ -76,6 +77,3 @@ def record_constraints(trial: Any, spec: Any, amounts: list[float]) -> None:
         for (metric, _), amount in zip(spec.limits, amounts):
             trial.set_constraint(KEYS[metric], amount)
 
-
-def _fmt(value: float) -> str:
-    return f"{value:,.0f}" if float(value).is_integer() else f"{value:.3g}"

@@ -156,7 +156,7 @@ def _candidates(trials: list[optuna.trial.FrozenTrial], spec) -> tuple[list[optu
         return [], None, [first_line(exc)]
     front = objectives.pareto_front(trials, spec.objectives)
     top = [t for t in front if objectives.no_larger(t, picked, spec.objectives)]
-    values = ", ".join(f"{o.name} {v:,.4g}" for o, v in zip(spec.objectives, picked.values) if not o.learned)
+    values = ", ".join(f"{o.name} {objectives.fmt(v)}" for o, v in zip(spec.objectives, picked.values) if not o.learned)
     return top, picked, [f"final.pick {spec.final.pick}: trial {picked.number} ({values}); finalists from it "
                          "and the Pareto front's trials no larger"]
 

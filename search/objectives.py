@@ -258,8 +258,8 @@ def pick(trials: Iterable[FrozenTrial], objectives: Sequence[Objective], rule: s
     within = [t for t, v in having if v <= limit]
     if not within:
         nearest, value = min(having, key=lambda tv: (tv[1], tv[0].number))
-        raise ExportError(f"{where}: no Pareto trial has {metric} <= {_fmt(limit)}; the smallest is "
-                          f"trial {nearest.number} with {_fmt(value)}")
+        raise ExportError(f"{where}: no Pareto trial has {metric} <= {fmt(limit)}; the smallest is "
+                          f"trial {nearest.number} with {fmt(value)}")
     return within[0]  # the front is ordered by the learned objective
 
 
@@ -270,5 +270,6 @@ def no_larger(trial: FrozenTrial, than: FrozenTrial, objectives: Sequence[Object
     return trial.values is not None and all(a <= b for a, b in pairs)
 
 
-def _fmt(value: float) -> str:
+def fmt(value: float) -> str:
+    """A static metric as people read it: 35,658 (a count), 0.0123 (a latency)."""
     return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.4g}"

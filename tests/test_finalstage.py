@@ -312,7 +312,8 @@ def test_a_multi_objective_final_stage_trains_the_pick_and_no_larger_front_trial
     assert all(size[n] <= picked.values[1] for n in sources), (size, picked.values)
     start = by_number[0]  # the enqueued start: a finalist exactly when it is no larger than the pick
     assert (0 in sources) == (start.values[1] <= picked.values[1]), (sources, start.values, picked.values)
-    assert any(n.startswith(f"final.pick knee: trial {picked.number} ") for n in res["notes"]), res["notes"]
+    picked_size = f"{picked.values[1]:,.0f}"
+    assert f"final.pick knee: trial {picked.number} (n_params {picked_size}); finalists from it" in res["notes"][0], res["notes"]
     assert all(f["test_acc"] is None for f in res["finalists"])
     listed = runner.invoke(app, ["list", "--storage", url]).stdout.splitlines()
     assert listed[0].startswith("mo ") and "Pareto front" in listed[0]
