@@ -152,12 +152,15 @@ def predict_images(loaded: ModelFile, paths: Sequence[str | Path]) -> list[Predi
 
 def evaluate_model_file(loaded: ModelFile, data_dir: str | None = None) -> tuple[float, float, int]:
     """(accuracy, loss, images) of the loaded model on its config's dataset test split, read from
-    `data_dir` (predict's --data-dir) > $CNNSEARCH_DATA > the config's data_dir > ./data."""
+    `data_dir` (predict's --data-dir) > $CNNSEARCH_DATA > the config's data_dir > ./data. At the
+    precision its run tested it (bf16 autocast where `precision` gives it on this device), so on
+    the machine that trained it the figure is the run's own recorded test accuracy."""
     cfg = loaded.config.replace(data_dir=datasets.choose_data_dir(data_dir, loaded.config.data_dir))
     device = next(loaded.model.parameters()).device
     ds = datasets.to_device(datasets.dataset_for(cfg), device)
     if tuple(ds.in_shape) != loaded.in_shape or ds.num_classes != len(loaded.classes):
         raise CheckpointError(f"the {cfg.dataset} data here has shape {ds.in_shape} and {ds.num_classes} classes; "
                               f"the checkpoint expects {loaded.in_shape} and {len(loaded.classes)}")
-    loss, acc = engine.evaluate(loaded.model, ds.test_x, ds.test_y, Normalizer(loaded.mean, loaded.std, device))
+    loss, acc = engine.evaluate(loaded.model, ds.test_x, ds.test_y, Normalizer(loaded.mean, loaded.std, device),
+                                bf16=engine.uses_bf16(loaded.config.precision, device))
     return acc, loss, len(ds.test_y)
