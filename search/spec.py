@@ -25,9 +25,8 @@ from typing import Any, Mapping
 
 import optuna
 
-from . import check, config
+from . import check, config, objectives
 from .errors import SpecError, first_line
-from . import objectives
 from .objectives import LEARNED, Objective, objective, parse_objectives
 from .config import DATA_FIELDS
 from .space import (Param, SpaceError, apply_params, check_space, contains, corner_params, fill_params, is_active,
