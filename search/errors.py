@@ -77,3 +77,8 @@ def first_line(exc: BaseException, *, with_type: bool = False) -> str:
     if not lines:
         return exc.__class__.__name__
     return f"{exc.__class__.__name__}: {lines[0]}" if with_type else lines[0]
+
+
+class OverBudget(Exception):
+    """Not a user's error: a trial or final-stage job that is not run because another worker took
+    the study's last slot, or the job, at the same moment. The worker counts it, shows one line."""

@@ -45,7 +45,7 @@ from optuna.trial import TrialState
 
 from search import config, objectives, space
 from search.artifacts import CHECKPOINT_ATTR
-from search.errors import CheckpointError, ExportError, StudyError, first_line
+from search.errors import CheckpointError, ExportError, OverBudget, StudyError, first_line
 from search.storage import UID_ATTR, claim_numbered_attr, connection_problem, storage_of, stored_trial
 
 SUFFIX = ".final"
@@ -415,7 +415,6 @@ def make_job(spec, *, device: str = "auto", on_epoch: Callable[[int, int, dict],
     import models
     from search import datasets, engine
     from search.artifacts import TrialCheckpoint
-    from search.objective import OverBudget
 
     goal = spec.learned
     metric, last = goal.name, spec.final.average_last

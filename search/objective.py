@@ -21,15 +21,11 @@ import optuna
 import models
 from search import costs, datasets, engine, finalstage, space
 from search.artifacts import CheckpointStore, TrialCheckpoint
-from search.errors import first_line
+from search.errors import OverBudget, first_line
 from search.objectives import WORST, poor_for_its_size
 from search.storage import connection_problem, count_trials, stored_trial
 
 EpochProgress = Callable[[int, int, dict], None]  # (trial number, epoch, metrics)
-
-
-class OverBudget(Exception):
-    """Another worker took the study's last trial slot at the same moment."""
 
 
 def make_objective(spec, *, device: str = "auto", on_epoch: EpochProgress | None = None,

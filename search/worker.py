@@ -29,8 +29,8 @@ from search.artifacts import CheckpointStore, open_artifacts
 from search import spec as spec_mod
 from search import study as study_mod
 from search.engine import resolve_device
-from search.errors import StudyGone, TrialsCrashed, first_line
-from search.objective import OverBudget, make_objective
+from search.errors import OverBudget, StudyGone, TrialsCrashed, first_line
+from search.objective import make_objective
 from search.storage import (OPTIMIZE_LOGGER, UID_ATTR, Reconnect, Store, check_study, claim_numbered_attr, connection_problem,
                             count_trials,
                             mask_text, open_store, requeue, started_trial, storage_of, stored_trial, trial_id,

@@ -114,7 +114,7 @@ def test_three_worker_processes_share_one_budget_on_postgres(tmp_path, pg_url):
 
 
 def test_a_trial_over_budget_logs_one_info_line_not_a_traceback(caplog):
-    from search.objective import OverBudget
+    from search.errors import OverBudget
 
     def objective(trial):
         raise OverBudget("study budget of 3 trials already taken")
