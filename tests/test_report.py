@@ -154,7 +154,7 @@ def _report_with_pngs(spec, n_trials, folder, monkeypatch):
 
 @pytest.fixture(scope="module")
 def few_and_many(tmp_path_factory):
-    """A study of 3 parameters (2 always searched) and 12 trials; one of 17 parameters with long
+    """A study of 3 parameters (2 always searched) and 12 trials; one of 19 parameters with long
     names (`dropout_after_block_1`, ...: optuna cut them to one indistinguishable label) and 80."""
     from studykit import tiny_study
 
@@ -164,7 +164,7 @@ def few_and_many(tmp_path_factory):
                   (REPO / "studies" / "cifar10_sixconv.toml").read_text())
     (folder / "many.toml").write_text(text.replace('name = "cifar10_sixconv"', 'name = "many"'))
     many = spec_mod.load_spec(folder / "many.toml")
-    assert len(few.space) == 3 and len(many.space) == 17
+    assert len(few.space) == 3 and len(many.space) == 19
     with pytest.MonkeyPatch.context() as patch:
         return {"few": _report_with_pngs(few, 12, folder / "few", patch) + (folder / "few",),
                 "many": _report_with_pngs(many, 80, folder / "many", patch) + (folder / "many",)}
@@ -208,14 +208,14 @@ def test_pngs_have_no_text_under_9_points_and_room_per_panel(few_and_many):
         for name, fig in figs.items():
             small = [(text, size) for text, size in fig["texts"] if size < MIN_FONT_PT]
             assert not small, (name, small[:5])
-    # slice plots: a grid of panels at least 3 x 2.2 inches (optuna's one row of 17 panels: 1.5 wide)
+    # slice plots: a grid of panels at least 3 x 2.2 inches (optuna's one row of 19 panels: 1.5 wide)
     panels = [ax for ax in many["slice"]["axes"] if ax[0] > 1.0]  # not the colorbar: narrow
     assert len(panels) == 12 and all(w >= 3.0 and h >= 2.2 for w, h in panels), panels
-    assert "the 12 most important of 17 parameters" in _caption(many_report.html, "slice")
+    assert "the 12 most important of 19 parameters" in _caption(many_report.html, "slice")
     # parallel coordinates: the 8 most important parameters (said in the caption), full names,
     # at least an inch between axes
     labels = [t for t, _ in many["parallel"]["texts"]]
-    assert "the 8 most important of 17 parameters" in _caption(many_report.html, "parallel")
+    assert "the 8 most important of 19 parameters" in _caption(many_report.html, "parallel")
     assert "dropout_after_block_1" in labels or "dropout_after_block_2" in labels or \
         "dropout_after_block_3" in labels
     assert not any(label.endswith("...") for label in labels)
