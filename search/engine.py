@@ -21,7 +21,7 @@ import models
 from search import datasets
 from search.augment import Normalizer, batch_crop, batch_erase, batch_flip
 from search.config import RunConfig, from_dict, to_dict
-from search.errors import CheckpointError, DeviceError
+from search.errors import CheckpointError, DeviceError, first_line
 
 EpochHook = Callable[[int, dict], None]
 
@@ -181,8 +181,7 @@ class CompiledOrEager:
             try:
                 return self.compiled(x)
             except torch._dynamo.exc.BackendCompilerFailed as err:
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                warnings.warn(f"compile: torch.compile failed, training eager instead ({first})",
+                warnings.warn(f"compile: torch.compile failed, training eager instead ({first_line(err)})",
                               RuntimeWarning, stacklevel=2)
                 self.compiled = None
         return self.model(x)
