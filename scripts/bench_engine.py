@@ -1,25 +1,35 @@
 """Seed-notebook training loop vs `search.engine.fit`, side by side in one process.
 
-(a) the seeds' way: torchvision.datasets.MNIST (PIL images) + ToTensor + Normalize in a
-    DataLoader(batch_size=32, shuffle=True), a plain PyTorch loop;
+(a) the seeds' way: PIL images + ToTensor + Normalize in a DataLoader(batch_size=32,
+    shuffle=True), a plain PyTorch loop;
 (b) `fit`: the same network, optimizer (Adam 1e-3), batch size, epochs and training images,
-    with the dataset held on the device as uint8.
-Both train on all 60,000 MNIST training images and are scored on the 10,000 test images.
+    with the dataset held on the device as uint8;
+(c) with --compile: `fit` with `compile = true` (torch.compile, inductor).
+MNIST (the default): all 60,000 training images, once each, scored on the 10,000 test images.
+CIFAR-10 (`--dataset cifar10`, the JPEG q75 copy, model cifar_sixconv, flip augmentation):
+--train-images of them, the three alternated in --rounds short rounds (a b c a b c ...), each
+reported by its median; (c)'s compile time and its break-even on all 50,000 images come apart.
 
     python scripts/bench_engine.py --data-dir ../shared/datasets/mnist --epochs 1
+    python scripts/bench_engine.py --dataset cifar10 --threads 1 --rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
+import io
 import shutil
+import statistics
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision
+from PIL import Image
 from torch import nn
 from torchvision import transforms
 
@@ -28,6 +38,9 @@ from search import datasets, engine
 from search.config import RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
+CIFAR_ZIP = "cifar10-jpeg/cifar10-jpeg.zip"
+CIFAR_LABEL = "CIFAR-10 (JPEG q75 copy)"
+CIFAR_TRAIN = 50_000  # the full training set the break-even is counted on
 
 
 def seed_loop(cfg: RunConfig, raw_dir: Path, device: torch.device) -> tuple[float, float]:
@@ -64,10 +77,145 @@ def seed_loop(cfg: RunConfig, raw_dir: Path, device: torch.device) -> tuple[floa
         return rate, correct / len(test_set)
 
 
+class PILImages(torch.utils.data.Dataset):
+    """The notebooks' dataset: decoded PIL images in memory, transformed one sample at a time."""
+
+    def __init__(self, images: list, labels: list[int], transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.transform(self.images[i]), self.labels[i]
+
+
+def cifar_pil(zip_path: Path, train_x: torch.Tensor, class_names) -> tuple[tuple[list, list], list]:
+    """The JPEGs decoded once with PIL: the images `train_x` holds (matched by their pixels, so
+    both loops train on the same ones whatever order the folder loader reads), and the test set."""
+    classes = {name: i for i, name in enumerate(class_names)}
+    train, test = [], []
+    with zipfile.ZipFile(zip_path) as zf:
+        for name in zf.namelist():
+            split, label, file = (name.split("/") + ["", ""])[:3]
+            if file.endswith(".jpg") and split in ("train", "test"):
+                img = Image.open(io.BytesIO(zf.read(name))).convert("RGB")
+                (train if split == "train" else test).append((img, classes[label]))
+    by_pixels = {np.asarray(img).tobytes(): (img, label) for img, label in train}
+    picked = [by_pixels[x.permute(1, 2, 0).contiguous().numpy().tobytes()] for x in train_x.cpu()]
+    return ([img for img, _ in picked], [label for _, label in picked]), test
+
+
+def seed_loop_cifar(cfg: RunConfig, train, test, mean, std, device) -> dict:
+    """The notebooks' CIFAR loop: samples/s after the first epoch, the first epoch's seconds, test accuracy."""
+    norm = transforms.Normalize(mean, std)
+    train_tf = transforms.Compose([transforms.RandomHorizontalFlip(), transforms.ToTensor(), norm])
+    loader = torch.utils.data.DataLoader(PILImages(*train, train_tf), batch_size=cfg.batch_size, shuffle=True)
+    torch.manual_seed(cfg.seed)
+    model = models.build_model(cfg, (3, 32, 32), 10).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    loss_fn = nn.CrossEntropyLoss()
+    seconds = []
+    for _ in range(cfg.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        for xb, yb in loader:
+            xb, yb = xb.to(device), yb.to(device)
+            opt.zero_grad()
+            loss_fn(model(xb), yb).backward()
+            opt.step()
+        seconds.append(time.perf_counter() - t0)
+    test_set = PILImages([img for img, _ in test], [label for _, label in test],
+                         transforms.Compose([transforms.ToTensor(), norm]))
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for xb, yb in torch.utils.data.DataLoader(test_set, batch_size=1000):
+            correct += (model(xb.to(device)).argmax(1) == yb.to(device)).sum().item()
+    return timing(seconds, len(train[0])) | {"acc": correct / len(test_set)}
+
+
+def timing(seconds: list[float], n: int) -> dict:
+    """Steady samples/s (epochs after the first) and the first epoch's extra seconds over them:
+    compilation, for (c)."""
+    later = statistics.mean(seconds[1:])
+    return {"rate": n / later, "extra": seconds[0] - later}
+
+
+def fit_cifar(cfg: RunConfig, ds) -> dict:
+    """As `timing`, plus the test evaluation's seconds: with compile, its graphs compile there."""
+    t0 = time.perf_counter()
+    result = engine.fit(cfg, dataset=ds, evaluate_test=True)
+    seconds = [h["train_seconds"] for h in result.history]
+    return timing(seconds, len(ds.train_y)) | {"acc": result.test_acc, "eval": time.perf_counter() - t0 - sum(seconds)}
+
+
+def bench_cifar(args, device: torch.device) -> None:
+    """(a) seed loop, (b) fit, (c) fit compiled on the same CIFAR-10 images, in alternating rounds."""
+    data_dir = Path(args.data_dir or REPO.parent / "shared" / "datasets")
+    epochs = max(2, args.epochs)  # the first epoch carries compilation: steady rates need a second
+    cfg = RunConfig(dataset="folder", data_dir=str(data_dir), val_fraction=0.0, subset=args.train_images,
+                    data_options={"path": CIFAR_ZIP, "image_size": 32, "channels": 3},
+                    model="cifar_sixconv", optimizer="adam", lr=1e-3, batch_size=args.batch_size,
+                    epochs=epochs, flip=True, device=str(device), seed=0)
+    ds = datasets.to_device(datasets.dataset_for(cfg), device)  # loaded before timing, as a worker has it
+    train, test = cifar_pil(data_dir / CIFAR_ZIP, ds.train_x, ds.classes)
+    n_params = models.count_parameters(models.build_model(cfg, ds.in_shape, 10))
+    print(f"{CIFAR_LABEL}, cifar_sixconv ({n_params:,} params), Adam 1e-3, flip, batch {cfg.batch_size}, "
+          f"{len(ds.train_y):,} training images x {epochs} epochs, {args.rounds} rounds, device {device}, "
+          f"{torch.get_num_threads()} threads")
+    things = {"(a) DataLoader + PIL + torchvision transforms": lambda: seed_loop_cifar(cfg, train, test, ds.mean,
+                                                                                       ds.std, device),
+              f"(b) fit, precision {cfg.precision}": lambda: fit_cifar(cfg, ds)}
+    if args.compile is not False:
+        things[f"(c) fit, precision {cfg.precision}, compile"] = lambda: fit_cifar(cfg.replace(compile=True), ds)
+    runs: dict[str, list[dict]] = {label: [] for label in things}
+    for r in range(args.rounds):
+        for label, run in things.items():
+            runs[label].append(run())
+            last = runs[label][-1]
+            evaluation = f", test evaluation {last['eval']:.1f} s" if "eval" in last else ""
+            print(f"  round {r + 1} {label[:3]}: {last['rate']:7.0f} samples/s, first epoch {last['extra']:+.1f} s "
+                  f"over later ones{evaluation}, test acc {last['acc']:.2%}", flush=True)
+    seed = [m["rate"] for m in runs[next(iter(runs))]]
+    for label, ms in runs.items():
+        ratio = statistics.median(m["rate"] / s for m, s in zip(ms, seed))
+        print(f"{label + ':':52s} {statistics.median(m['rate'] for m in ms):7.0f} samples/s (median)  "
+              f"{ratio:.2f}x the seed loop (median ratio)   {CIFAR_LABEL} test acc "
+              f"{statistics.median(m['acc'] for m in ms):.2%}")
+    if len(runs) == 3:
+        eager, compiled = (runs[label] for label in list(runs)[1:])
+        # (c) against (b) of the same round: a shared CPU's load shifts between rounds, not within one
+        ratios = [c["rate"] / e["rate"] for e, c in zip(eager, compiled)]
+        print(f"(c)/(b) by round: {', '.join(f'{r:.2f}x' for r in ratios)}; median {statistics.median(ratios):.2f}x")
+        eager_rate = statistics.median(m["rate"] for m in eager)
+        print_break_even([c["extra"] - e["extra"] + c["eval"] - e["eval"] for e, c in zip(eager, compiled)],
+                         eager_rate, eager_rate * statistics.median(ratios))
+
+
+def print_break_even(extras: list[float], eager_rate: float, compiled_rate: float) -> None:
+    """Compile time and how many 50,000-image epochs repay it. Compile time: what (c)'s first epoch
+    and test evaluation take beyond (b)'s, the evaluation's share being its graphs' compilation."""
+    print(f"compile time ((c)'s first epoch + test evaluation beyond (b)'s), by round: "
+          f"{', '.join(f'{e:.1f} s' for e in extras)} (round 1 compiles; later rounds reuse this process's graphs)")
+    saved = CIFAR_TRAIN / eager_rate - CIFAR_TRAIN / compiled_rate  # seconds per full epoch
+    if saved <= 0:
+        print(f"break-even: never, compiled is not faster ({compiled_rate:.0f} vs {eager_rate:.0f} samples/s)")
+    else:
+        print(f"break-even: {extras[0] / saved:.1f} epochs of {CIFAR_TRAIN:,} images repay round 1's "
+              f"{extras[0]:.1f} s compile ({saved:.1f} s saved per epoch)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "datasets" / "mnist"))
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--dataset", choices=("mnist", "cifar10"), default="mnist")
+    parser.add_argument("--data-dir", default=None, help="default: ../shared/datasets/mnist for mnist, "
+                        "../shared/datasets (holding cifar10-jpeg/) for cifar10")
+    parser.add_argument("--epochs", type=int, default=1, help="cifar10: at least 2")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time fit with compile = true (default: on for cifar10, off for mnist)")
+    parser.add_argument("--train-images", type=int, default=5000, help="cifar10: training images per round")
+    parser.add_argument("--rounds", type=int, default=3, help="cifar10: rounds of (a) (b) (c)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
@@ -75,6 +223,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = engine.resolve_device(args.device)
+    if args.dataset == "cifar10":
+        bench_cifar(args, device)
+        return
+    args.data_dir = args.data_dir or str(REPO.parent / "shared" / "datasets" / "mnist")
     cfg = RunConfig(dataset="mnist", data_dir=args.data_dir, val_fraction=0.0, model="mnist_pool",
                     optimizer="adam", lr=1e-3, batch_size=args.batch_size, epochs=args.epochs,
                     device=str(device), seed=0)
@@ -88,13 +240,16 @@ def main() -> None:
     # (b) as the search runs it (precision auto), and in fp32 when auto picked bf16, so the share
     # of the speed-up that comes from bf16 is visible.
     runs = [cfg] + ([cfg.replace(precision="fp32")] if engine.uses_bf16("auto", device) else [])
+    runs += [cfg.replace(compile=True)] if args.compile else []
     for run_cfg in runs:
         result = engine.fit(run_cfg, dataset=ds, evaluate_test=True)
         seconds = sum(h["train_seconds"] for h in result.history)
         rate_b = len(ds.train_y) * cfg.epochs / seconds
-        label = f"(b) fit, {run_cfg.precision} -> {result.precision}, channels_last:"
+        which = "(c) fit compiled (compile time included)," if run_cfg.compile else "(b) fit,"
+        label = f"{which} {run_cfg.precision} -> {result.precision}, channels_last:"
         print(f"{label:42s} {rate_b:8.0f} samples/s   test acc {result.test_acc:.2%}")
-        print(f"    speed ratio (b)/(a): {rate_b / rate_a:.2f}x   accuracy difference (b)-(a): "
+        pair = "(c)/(a)" if run_cfg.compile else "(b)/(a)"
+        print(f"    speed ratio {pair}: {rate_b / rate_a:.2f}x   accuracy difference {pair.replace('/', '-')}: "
               f"{(result.test_acc - acc_a) * 100:+.2f} points")
 
 if __name__ == "__main__":

@@ -58,6 +58,8 @@ class RunConfig:
     # auto: bf16 autocast where the hardware computes bf16 natively (CUDA; CPUs with AVX512-BF16
     # or AMX), fp32 elsewhere. fp32 forces full precision; bf16 asks for autocast everywhere.
     precision: str = "auto"  # auto | fp32 | bf16
+    # torch.compile (inductor) for training and evaluation forward/backward: pays on long runs, compiles up front
+    compile: bool = False
     warmup_epochs: int = 2  # validation accuracy still at chance after this many epochs -> diverged
 
     def replace(self, **changes: Any) -> "RunConfig":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -20,7 +21,7 @@ import models
 from search import datasets
 from search.augment import Normalizer, batch_crop, batch_erase, batch_flip
 from search.config import RunConfig, from_dict, to_dict
-from search.errors import CheckpointError, DeviceError
+from search.errors import CheckpointError, DeviceError, first_line
 
 EpochHook = Callable[[int, dict], None]
 
@@ -80,16 +81,20 @@ def make_scheduler(cfg: RunConfig, opt, steps_per_epoch: int):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: Normalizer,
-             batch_size: int = 1024, bf16: bool = False) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over uint8 images already on the model's device."""
+             batch_size: int = 1024, bf16: bool = False, forward: Callable | None = None) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over uint8 images already on the model's device.
+
+    `forward` computes the logits in the model's place (its compiled form, `TrainState.forward`).
+    """
     model.eval()
+    forward = model if forward is None else forward
     device = x.device
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     for i in range(0, x.shape[0], batch_size):
         xb = _prepare(norm(x[i:i + batch_size]))
         with _autocast(device, bf16):
-            logits = model(xb)
+            logits = forward(xb)
         loss_sum += F.cross_entropy(logits.float(), y[i:i + batch_size], reduction="sum")
         correct += (logits.argmax(1) == y[i:i + batch_size]).sum()
     n = max(1, x.shape[0])
@@ -153,7 +158,33 @@ def _restore_rng(rng: dict, device: torch.device) -> None:
 
 
 # Where a run's files and device are, not what it computes: a run may continue with these changed.
-PLACE_KEYS = ("device", "data_dir", "download")
+# compile too: where inductor cannot compile, the run goes on eager, so the machine decides it.
+PLACE_KEYS = ("device", "data_dir", "download", "compile")
+
+
+class CompiledOrEager:
+    """`torch.compile(model)`, or the model itself from the first call that fails to compile.
+
+    The model stays the plain module (state_dict keys without `_orig_mod.`); the compiled form
+    shares its parameters, so loading a checkpoint into the model updates both. A machine without
+    a working C++ compiler gets one warning and trains eager instead of crashing.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model, self.compiled = model, torch.compile(model)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compiled is not None:
+            # What inductor raises when it cannot build its kernels (torch 2.14, checked by pointing
+            # its cxx at a missing compiler): InductorError, a BackendCompilerFailed, saying
+            # InvalidCxxCompiler. Named here, not at import: torch._dynamo takes seconds to import.
+            try:
+                return self.compiled(x)
+            except torch._dynamo.exc.BackendCompilerFailed as err:
+                warnings.warn(f"compile: torch.compile failed, training eager instead ({first_line(err)})",
+                              RuntimeWarning, stacklevel=2)
+                self.compiled = None
+        return self.model(x)
 
 
 @dataclass(eq=False)
@@ -171,6 +202,7 @@ class TrainState:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    forward: Callable[[torch.Tensor], torch.Tensor]  # the model, or its compiled form (cfg.compile)
     per_batch: bool  # the scheduler steps after every batch (cosine, onecycle), else every epoch
     generator: torch.Generator  # the data order: a stream of its own, seeded with cfg.seed
     rng: dict  # the global torch streams as the last epoch left them
@@ -205,8 +237,9 @@ class TrainState:
         n = ds.train_x.shape[0] + (ds.val_x.shape[0] if full_train else 0)
         opt = make_optimizer(cfg, model.parameters())
         sched, per_batch = make_scheduler(cfg, opt, _steps(n, cfg.batch_size)[1])
-        return cls(cfg, device, model, opt, sched, per_batch, torch.Generator().manual_seed(cfg.seed),
-                   _capture_rng(device), full_train)
+        forward = CompiledOrEager(model) if cfg.compile else model
+        return cls(cfg, device, model, opt, sched, forward, per_batch,
+                   torch.Generator().manual_seed(cfg.seed), _capture_rng(device), full_train)
 
     @classmethod
     def resume(cls, saved: dict, ds, device=None) -> TrainState:
@@ -310,7 +343,7 @@ def train_epochs(state: TrainState, ds) -> Iterator[dict]:
             if cfg.erasing:
                 xb = batch_erase(xb, cfg.erasing)
             with _autocast(device, bf16):
-                logits = model(_prepare(xb))
+                logits = state.forward(_prepare(xb))
                 loss = criterion(logits.float(), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -328,7 +361,8 @@ def train_epochs(state: TrainState, ds) -> Iterator[dict]:
                    "lr": opt.param_groups[0]["lr"], "train_seconds": train_seconds,
                    "samples_per_s": seen / train_seconds}
         if has_val:
-            metrics["val_loss"], metrics["val_acc"] = evaluate(model, ds.val_x, ds.val_y, norm, bf16=bf16)
+            metrics["val_loss"], metrics["val_acc"] = evaluate(model, ds.val_x, ds.val_y, norm, bf16=bf16,
+                                                               forward=state.forward)
         metrics["seconds"] = time.perf_counter() - t0
         state.rng, state.epoch = _capture_rng(device), epoch + 1
         state.history.append(metrics)
@@ -384,5 +418,6 @@ def fit(cfg: RunConfig, on_epoch: EpochHook | None = None, *, dataset=None,
                        precision="bf16" if bf16 else "fp32", state=state)
     if evaluate_test:
         norm = Normalizer(ds.mean, ds.std, device)
-        result.test_loss, result.test_acc = evaluate(state.model, ds.test_x, ds.test_y, norm, bf16=bf16)
+        result.test_loss, result.test_acc = evaluate(state.model, ds.test_x, ds.test_y, norm, bf16=bf16,
+                                                     forward=state.forward)
     return result

@@ -20,6 +20,7 @@ def test_unknown_key_is_named():
     ("lr", "fast", "lr: expected float"),
     ("epochs", 2.5, "epochs: expected int"),
     ("flip", 1, "flip: expected bool"),
+    ("compile", "yes", "compile: expected bool"),
     ("optimizer", "lbfgs", "optimizer: expected one of"),
     ("scheduler", "plateau", "scheduler: expected one of"),
     ("precision", "fp16", "precision: expected one of"),
@@ -71,6 +72,15 @@ def test_precedence_defaults_file_flags(tmp_path):
     assert (cfg.lr, cfg.epochs, cfg.optimizer) == (0.01, 5, "sgd")
     assert cfg.model_params == {"channels": [8, 16], "dropout": 0.3}
     assert cfg.batch_size == RunConfig().batch_size
+
+
+def test_compile_is_set_from_the_command_line_and_survives_an_export(tmp_path):
+    cfg = config.load(None, ["compile=true"])
+    assert cfg.compile is True and RunConfig().compile is False
+    path = tmp_path / "best.json"
+    path.write_text(json.dumps({"config": config.to_dict(cfg)}))
+    assert config.load(path) == cfg
+    assert config.from_dict({k: v for k, v in config.to_dict(cfg).items() if k != "compile"}).compile is False
 
 
 def test_exported_file_reads_its_config_table(tmp_path):

@@ -305,3 +305,72 @@ def test_a_cuda_run_saves_and_restores_its_cuda_rng(tmp_path):
     assert torch.equal(torch.cuda.get_rng_state(), saved["rng"]["torch_cuda"])
     assert [m["epoch"] for m in engine.train_epochs(resumed, ds)] == [1]
     assert resumed.stop_reason == "finished"  # not bitwise: cuDNN may pick other kernels per process
+
+
+# --- compiled training (cfg.compile) ------------------------------------------------------------
+
+COMPILED = dict(epochs=2, flip=True, erasing=0.5, model_params=REGULARISED)
+
+
+@pytest.fixture(scope="session")
+def inductor():
+    """Skips where inductor cannot compile here (no working C++ compiler): a two-element probe."""
+    try:
+        torch.compile(lambda x: x * 2)(torch.ones(2))
+    except torch._dynamo.exc.BackendCompilerFailed as err:
+        pytest.skip(f"torch.compile (inductor) cannot compile on this machine: {str(err).splitlines()[0]}")
+
+
+def compiled_ran(state: "engine.TrainState") -> bool:
+    return isinstance(state.forward, engine.CompiledOrEager) and state.forward.compiled is not None
+
+
+@pytest.mark.filterwarnings("error:compile:RuntimeWarning")  # falling back to eager would prove nothing
+def test_a_compiled_fit_saves_the_plain_model_and_learns_as_eager_does(inductor):
+    eager = engine.fit(synth_cfg(**COMPILED), evaluate_test=True)
+    compiled = engine.fit(synth_cfg(**COMPILED, compile=True), evaluate_test=True)
+    assert compiled_ran(compiled.state) and compiled.model is compiled.state.model
+    assert list(compiled.model.state_dict()) == list(eager.model.state_dict())
+    # Not bitwise: inductor fuses and reorders the element-wise work (other rounding, in bf16 more
+    # so), and its dropout masks come from its own random kernels, not from eager's draws.
+    for e, c in zip(eager.history, compiled.history):
+        assert c["train_loss"] == pytest.approx(e["train_loss"], rel=0.1)
+        assert abs(c["val_acc"] - e["val_acc"]) <= 0.1
+    assert compiled.test_acc >= 0.7 and abs(compiled.test_acc - eager.test_acc) <= 0.1
+
+
+@pytest.mark.filterwarnings("error:compile:RuntimeWarning")
+def test_a_compiled_run_resumes_from_its_checkpoint(inductor, tmp_path):
+    cfg = synth_cfg(**COMPILED, compile=True)
+    ds = on_cpu(cfg)
+    whole = engine.TrainState.start(cfg, ds)
+    list(engine.train_epochs(whole, ds))
+
+    first = engine.TrainState.start(cfg, ds)
+    next(engine.train_epochs(first, ds))
+    torch.save(first.state_dict(), tmp_path / "run.pt")
+    saved = torch.load(tmp_path / "run.pt", weights_only=True)
+    assert not any(key.startswith("_orig_mod.") for key in saved["model"])
+
+    # As a restarted process: nothing compiled yet, so the resumed epoch compiles its graphs
+    # afresh (a static one for the full batches first), where the whole run reused epoch 0's.
+    torch._dynamo.reset()
+    torch.manual_seed(1234)
+    resumed = engine.TrainState.resume(saved, ds)
+    assert [m["epoch"] for m in engine.train_epochs(resumed, ds)] == [1]
+    assert compiled_ran(resumed) and resumed.stop_reason == "finished"
+    assert_same_run(resumed, whole)
+
+
+@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")  # what force_disable_caches says
+def test_without_a_cxx_compiler_a_compiled_run_warns_once_and_trains_eager(monkeypatch, request):
+    """As on a machine without a C++ compiler: inductor's cxx points at a missing file."""
+    request.addfinalizer(torch._dynamo.reset)  # later tests compile with the real compiler
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "/nonexistent/c++"))
+    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)  # a cached kernel needs no compiler
+    torch._dynamo.reset()  # nor does a graph compiled earlier in this process
+    cfg = synth_cfg(epochs=2, model_params=REGULARISED)
+    with pytest.warns(RuntimeWarning, match="compile: torch.compile failed, training eager instead") as caught:
+        compiled = engine.fit(cfg.replace(compile=True))
+    assert sum("eager instead" in str(w.message) for w in caught) == 1 and not compiled_ran(compiled.state)
+    assert_same_run(compiled.state, engine.fit(cfg).state)
