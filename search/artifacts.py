@@ -360,6 +360,11 @@ def open_artifacts(url: str, given: str | os.PathLike | None = None, probe: bool
     return store
 
 
+def trial_prefix(study_name: str, first: int) -> str:
+    """The name prefix of the checkpoints of a trial and its retries (`first`: the line's first trial)."""
+    return f"{study_name}-trial{first}-"
+
+
 class TrialCheckpoint:
     """One trial's latest checkpoint; with no store (checkpoints off) every method does nothing.
 
@@ -372,7 +377,7 @@ class TrialCheckpoint:
         self.trial, self.store = trial, store
         # The files of a trial and of its retries share a name prefix: the study and the number
         # of the first trial of the line (`first`, from retry_history), so its end removes them all.
-        self.prefix = f"{trial.study.study_name}-trial{trial.number if first is None else first}-"
+        self.prefix = trial_prefix(trial.study.study_name, trial.number if first is None else first)
         self.current = user_attrs.get(CHECKPOINT_ATTR) if store is not None else None
         self.state = None  # the TrainState that `save` saves
         self.kept = False  # `keep`: the last checkpoint outlives the trial

@@ -44,7 +44,7 @@ import optuna
 from optuna.trial import TrialState
 
 from search import config, objectives, space
-from search.artifacts import CHECKPOINT_ATTR
+from search.artifacts import CHECKPOINT_ATTR, trial_prefix
 from search.errors import CheckpointError, ExportError, OverBudget, StudyError, first_line
 from search.storage import UID_ATTR, claim_numbered_attr, connection_problem, storage_of, stored_trial
 
@@ -331,9 +331,12 @@ def _drop_kept_states(child: optuna.Study, store: CheckpointStore | None) -> Non
     """Every finalist is done: the search trials' kept last states (keep_for_final) go."""
     if store is None:
         return
-    for t in _parent(child).get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if t.user_attrs.get(KEPT_ATTR) and t.user_attrs.get(CHECKPOINT_ATTR):
-            store.remove(t.user_attrs[CHECKPOINT_ATTR])
+    parent = _parent(child)
+    for t in parent.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.user_attrs.get(KEPT_ATTR):
+            # by the name prefix of the trial's line of retries, as TrialCheckpoint.drop would have
+            first = (t.system_attrs.get("retry_history") or [t.number])[0]
+            store.remove_all(trial_prefix(parent.study_name, first))
 
 
 def _carry_on(trial: optuna.Trial, spec, params: dict, source: int | None, ckpt: TrialCheckpoint,
