@@ -585,6 +585,8 @@ def summary_line(res: dict) -> str:
         std = f" ± {res['test_std']:.2%}" if res["test_std"] is not None else ""
         chosen = res["chosen"]
         src = f"trial {chosen['source_trial']}" if chosen and chosen["source_trial"] is not None else "the start"
+        if chosen and chosen["n_params"]:
+            src += f", {chosen['n_params']:,} params"
         tested = sum(s["test_acc"] is not None for s in res["seeds"])
         of = "" if tested == len(res["seeds"]) else f" of {len(res['seeds'])}"
         state = "" if res["done"] else " so far"

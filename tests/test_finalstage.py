@@ -388,3 +388,26 @@ def test_a_kept_state_that_cannot_be_read_is_one_line_and_the_finalist_trains_fr
         attrs = by_number[f["number"]].user_attrs
         assert "continued_from" not in attrs and attrs["carry_on_error"].endswith("; trained from the start"), attrs
         assert "\n" not in attrs["carry_on_error"] and f["epochs_done"] == 4
+
+
+def test_the_summary_line_says_where_the_stage_is():
+    """status and best print this line: the figure once seeds are tested, else the progress."""
+    def row(state, **kw):
+        return {"state": state, "source_trial": 4, "n_params": 15706, "test_acc": None, **kw}
+
+    finalists = [row("COMPLETE"), row("RUNNING")]
+    assert finalstage.summary_line({"finalists": finalists, "seeds": [], "chosen": None, "done": False,
+                                    "test_mean": None}) == "final stage: 1/2 finalists trained"
+    assert finalstage.summary_line({"finalists": finalists, "seeds": [], "chosen": None, "done": True,
+                                    "test_mean": None}) == "final: no result (see the notes)"
+    seeds = [row("COMPLETE", test_acc=0.9891), row("RUNNING"), row("WAITING")]
+    res = {"finalists": finalists, "seeds": seeds, "chosen": finalists[0], "done": False,
+           "test_mean": 0.9891, "test_std": None}
+    assert finalstage.summary_line(res) == ("final: test acc 98.91% over 1 of 3 seeds so far "
+                                            "(trial 4, 15,706 params, chosen from 2 finalists on validation)")
+    seeds = [row("COMPLETE", test_acc=a) for a in (0.9891, 0.9904, 0.9889)]
+    res |= {"seeds": seeds, "done": True, "test_mean": 0.9895, "test_std": 0.0008}
+    assert finalstage.summary_line(res) == ("final: test acc 98.95% ± 0.08% over 3 seeds "
+                                            "(trial 4, 15,706 params, chosen from 2 finalists on validation)")
+    res |= {"chosen": {**finalists[0], "source_trial": None}}
+    assert "(the start, 15,706 params, chosen from" in finalstage.summary_line(res)
