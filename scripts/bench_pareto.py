@@ -41,11 +41,9 @@ import math
 import statistics
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import optuna
-import torch
 from optuna.trial import TrialState
 
 from search import spec as spec_mod
@@ -53,7 +51,7 @@ from search import study as study_mod
 from search import worker
 from search.objectives import STATIC, feasible, pareto_front
 
-from bench_pruning import warm_up  # scripts/ is on sys.path: the script's own folder
+from bench_pruning import add_run_args, quiet_setup, warm_up  # scripts/ is on sys.path: the script's own folder
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("size", "none")  # size first: A B A B
@@ -207,15 +205,11 @@ def main() -> None:
                         help="override the study file, as `cnnsearch run --set` (section.key=value); repeatable")
     parser.add_argument("--repeats", type=int, default=1, help="rounds of size + none; round r uses sampler seed + r")
     parser.add_argument("--seed", type=int, default=None, help="sampler seed (default: the study's)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: small nets on a shared 2-core machine slow down with more)")
+    add_run_args(parser)
     args = parser.parse_args()
 
-    torch.set_num_threads(args.threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet_setup(args.threads)
     logging.getLogger("optuna").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     specs = build_specs(args)
     first = specs["size"]
     objectives = first.objectives

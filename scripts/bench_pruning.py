@@ -109,6 +109,20 @@ def warm_up(spec: spec_mod.StudySpec, device: str) -> tuple[int, int]:
     return len(ds.train_y), len(ds.val_y)
 
 
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """--device and --threads, as this script and bench_pareto.py take them."""
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: small nets on a shared 2-core machine slow down with more)")
+
+
+def quiet_setup(threads: int) -> None:
+    """torch's threads; Optuna's per-trial lines and experimental-feature warnings off."""
+    torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", default=str(REPO / "studies" / "digits_quick.toml"),
@@ -128,14 +142,10 @@ def main() -> None:
     parser.add_argument("--reduction-factor", type=int, default=3, help="HyperbandPruner reduction_factor")
     parser.add_argument("--pruners", default="none,median,hyperband",
                         help="comma-separated subset of none, median, hyperband; none is the baseline")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: small nets on a shared 2-core machine slow down with more)")
+    add_run_args(parser)
     args = parser.parse_args()
 
-    torch.set_num_threads(args.threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    quiet_setup(args.threads)
     specs = build_specs(args)
     names = [n.strip() for n in args.pruners.split(",") if n.strip()]
     first = specs[names[0]]
