@@ -147,6 +147,14 @@ def start_worker(name: str, url: str, *extra: str, log: Path) -> subprocess.Pope
                                 preexec_fn=_default_sigint)
 
 
+def stop_all(procs) -> None:
+    """Kill the processes still running (None entries: never started) and reap them."""
+    for p in procs:
+        if p is not None and p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 @pytest.fixture
 def pg_url():
     """A scratch PostgreSQL database, dropped afterwards. CI sets CNNSEARCH_TEST_PG; elsewhere

@@ -26,7 +26,7 @@ from search.artifacts import S3CheckpointStore, open_artifacts
 from search.cli import app
 from search.errors import CheckpointError, CnnsearchError
 from search.worker import run_worker
-from studykit import assert_one_line_error, quick_study, start_worker
+from studykit import assert_one_line_error, quick_study, start_worker, stop_all
 from test_trial_resume import FAST_HEARTBEAT, _study, check_retry, interrupt_at, reference, trials_of, wait_for_checkpointed_trial
 
 S3_ENV = "CNNSEARCH_TEST_S3"
@@ -298,10 +298,7 @@ def test_a_killed_workers_trial_resumes_from_its_s3_checkpoint(bucket, tmp_path,
         survivor = start_worker("tiny", url, *FAST_HEARTBEAT, log=logs[1])
         assert survivor.wait(timeout=300) == 0, logs[1].read_text()
     finally:
-        for p in (victim, survivor):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait()
+        stop_all((victim, survivor))
     retry = check_retry(trials_of(url), doomed.number, k, reference(spec, doomed.params, threads=1))
     assert "resume_error" not in retry.user_attrs
     assert store.usage() == (0, 0) and not local.exists()  # every checkpoint gone, none written locally

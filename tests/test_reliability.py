@@ -37,7 +37,7 @@ from search import study as study_mod
 from search.cli import app
 from search.storage import open_storage
 from search.worker import run_worker
-from studykit import pg_url, start_worker, tiny_study  # noqa: F401 (fixture)
+from studykit import pg_url, start_worker, stop_all, tiny_study  # noqa: F401 (fixture)
 
 runner = CliRunner()
 NOP = 'name = "NopPruner"'
@@ -91,13 +91,6 @@ def retries_of(trials, number: int):
     return [t for t in trials if t.system_attrs.get("failed_trial") == number]
 
 
-def stop(procs) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-
-
 def logs(paths) -> str:
     return "\n".join(f"--- {p}\n{Path(p).read_text()}" for p in paths if Path(p).exists())
 
@@ -118,7 +111,7 @@ def test_killed_workers_trial_is_failed_and_retried_by_a_survivor(tmp_path, pg_u
         victim.wait()
         codes = [p.wait(timeout=300) for p in procs[1:]]
     finally:
-        stop(procs)
+        stop_all(procs)
     assert codes == [0, 0], logs(paths)
     trials = trials_of(pg_url)
     by_number = {t.number: t for t in trials}
@@ -153,7 +146,7 @@ def test_ctrl_c_fails_the_running_trial_and_the_worker_exits_promptly(tmp_path):
         code = proc.wait(timeout=60)
         took = time.monotonic() - sent
     finally:
-        stop([proc])
+        stop_all([proc])
     assert code == 130, log.read_text()
     assert "interrupted" in log.read_text()
     trials = trials_of(url)
@@ -187,7 +180,7 @@ def test_a_signal_in_a_workers_first_seconds_stops_it(tmp_path, after, delay):
         code = proc.wait(timeout=60)
         took = time.monotonic() - sent
     finally:
-        stop([proc])
+        stop_all([proc])
     text = log.read_text()
     # Before Python runs any cnnsearch code (the first imports) the signal is Python's own: the
     # process ends killed by SIGINT, which a shell reports as 130 as well. (Seen rarely during
@@ -243,7 +236,7 @@ def test_launch_forwards_sigterm_to_every_worker(tmp_path):
         code = launcher.wait(timeout=60)
         took = time.monotonic() - sent
     finally:
-        stop([launcher])
+        stop_all([launcher])
     text = out.read_text() + logs((tmp_path / "logs").glob("*.log"))
     assert code == 1 and "workers exited with codes [130, 130]" in text, text
     for pid in pids:
@@ -313,7 +306,7 @@ def test_workers_reconnect_after_a_postgresql_restart(tmp_path, pg_url):
         codes = [p.wait(timeout=300) for p in procs]
         total_s = time.monotonic() - restarted
     finally:
-        stop(procs)
+        stop_all(procs)
     text = logs(paths)
     assert codes == [0, 0], text
     assert "Exception in thread" not in text, text  # the heartbeat threads lived through it
@@ -391,7 +384,7 @@ def test_worker_gives_up_after_a_bounded_wait_with_one_line(tmp_path, pg_url):
         code = proc.wait(timeout=120)
         took = time.monotonic() - cut_at
     finally:
-        stop([proc])
+        stop_all([proc])
     text = log.read_text()
     lines = [line for line in text.splitlines() if line.strip()]
     assert code == 1, text
@@ -585,7 +578,7 @@ def test_eight_processes_create_the_same_study_on_an_empty_database(tmp_path, pg
         go.touch()  # all at once: schema creation, create_study and the enqueues race for real
         outputs = [p.communicate(timeout=120)[0] for p in procs]
     finally:
-        stop(procs)
+        stop_all(procs)
     assert [p.returncode for p in procs] == [0] * 8, outputs
     assert sum("created in" in o for o in outputs) == 1 and sum("already exists" in o for o in outputs) == 7, outputs
     assert not any("Traceback" in o or "error" in o for o in outputs), outputs

@@ -22,7 +22,7 @@ from search import study as study_mod
 from search.errors import CnnsearchError
 from search.storage import open_storage
 from search.worker import run_worker
-from studykit import quick_study, start_worker, tiny_study
+from studykit import quick_study, start_worker, stop_all, tiny_study
 
 EPOCHS = 12
 KILL_EPOCHS = 80  # a tiny epoch takes about 0.05 s: long enough to catch the trial mid-run
@@ -127,10 +127,7 @@ def test_a_killed_workers_trial_resumes_from_its_last_checkpoint(tmp_path):
         assert survivor.wait(timeout=180) == 0, logs[1].read_text()
         took = time.monotonic() - killed_at
     finally:
-        for p in (victim, survivor):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait()
+        stop_all((victim, survivor))
     retry = check_retry(trials_of(url), doomed.number, k, reference(spec, doomed.params, threads=1))
     assert "resume_error" not in retry.user_attrs
     assert list(where.iterdir()) == []  # the original's last checkpoint and all of the retry's: gone
