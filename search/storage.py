@@ -24,6 +24,7 @@ from datetime import datetime
 
 import optuna
 import sqlalchemy
+import sqlalchemy.event
 import sqlalchemy.exc
 from optuna.storages._cached_storage import _CachedStorage
 from optuna.storages._rdb import models as rdb_models
@@ -482,13 +483,30 @@ def engine_kwargs(url: str) -> dict:
     return kwargs
 
 
+def _foreign_keys_on(dbapi_connection, _record) -> None:
+    dbapi_connection.execute("PRAGMA foreign_keys = ON")
+
+
+def _enforce_foreign_keys(engine: sqlalchemy.Engine) -> None:
+    """Make SQLite enforce the schema's foreign keys on every connection of `engine`, as
+    PostgreSQL does. SQLite leaves them off by default, and then a worker's write that lands
+    just after `delete --force` removed its trial (the watch's check passed a moment before)
+    leaves an orphan row; with them on, that write fails and nothing is stored. The
+    connections RDBStorage opened before the listener are closed, so that every one has it."""
+    sqlalchemy.event.listen(engine, "connect", _foreign_keys_on)
+    engine.dispose()
+
+
 def _create_with_retry(url: str, heartbeat: dict, attempts: int = 6, create: bool = True) -> optuna.storages.RDBStorage:
     """Several workers starting on an empty database race to create the schema; the losers
     see a duplicate-table/type error and simply try again once the winner is done. With
     `create` False the tables are known to be there (`_require_tables`) and none is created."""
     for attempt in range(attempts):
         try:
-            return _RDBStorage(url, engine_kwargs=engine_kwargs(url), skip_table_creation=not create, **heartbeat)
+            storage = _RDBStorage(url, engine_kwargs=engine_kwargs(url), skip_table_creation=not create, **heartbeat)
+            if storage.engine.dialect.name == "sqlite":
+                _enforce_foreign_keys(storage.engine)
+            return storage
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError,
                 optuna.exceptions.StorageInternalError) as exc:
             # Seen on PostgreSQL: UniqueViolation on pg_type (two CREATE TYPE studydirection);

@@ -20,14 +20,15 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy
+import sqlalchemy.event
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from search import spec as spec_mod
 from search import study as study_mod
 from search.cli import app
-from search.errors import StudyError
-from search.storage import live_trials, open_storage, trial_id
+from search.errors import StudyError, StudyGone
+from search.storage import live_trials, open_storage, trial_id, watch_study
 from studykit import assert_one_line_error, pg_url, start_worker, tiny_study  # noqa: F401 (fixture)
 
 runner = CliRunner()
@@ -116,6 +117,51 @@ def test_live_trials_are_running_ones_with_a_fresh_heartbeat(tmp_path):
     with engine.connect() as conn:  # nothing of it is left behind
         for table in ("trials", "trial_heartbeats", "trial_values", "trial_params", "study_user_attributes"):
             assert conn.execute(sqlalchemy.text(f"SELECT COUNT(*) FROM {table}")).scalar_one() == 0, table
+
+
+WRITES = {  # each kind of write a worker makes to its running trial
+    "user attr": lambda storage, trial: trial.set_user_attr("checkpoint", "x"),
+    "system attr": lambda storage, trial: storage.set_trial_system_attr(trial_id(trial), "k", 1),
+    "param": lambda storage, trial: trial.suggest_float("lr", 1e-4, 1e-1, log=True),
+    "heartbeat": lambda storage, trial: storage.record_heartbeat(trial_id(trial)),
+}
+
+
+@pytest.mark.parametrize("kind", list(WRITES))
+def test_a_write_that_lands_just_after_the_delete_leaves_nothing_on_sqlite(tmp_path, monkeypatch, kind):
+    """The watch checks the study before each write, but a forced delete can land between that
+    check (and Optuna's read of the trial) and the write's INSERT or UPDATE: seen in CI as one
+    orphan trial_user_attributes row after `delete --force`. Here the delete is made to land
+    exactly there: nothing may be stored (SQLite enforces the foreign keys), and the worker's
+    next write stops it with StudyGone."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study_mod.create(spec_mod.load_spec(long_study(tmp_path)), url)
+    storage = open_storage(url)
+    worker_view = optuna.load_study(study_name="tiny", storage=storage)
+    watch_study(worker_view)
+    trial = worker_view.ask()
+    with sqlalchemy.create_engine(url).begin() as conn:  # its first beat: ask wrote one
+        conn.execute(sqlalchemy.text("DELETE FROM trial_heartbeats"))
+    deleted = []
+
+    def delete_first(conn, cursor, statement, *args):  # the watch's check and Optuna's read have passed
+        if not deleted and statement.lstrip().upper().startswith(("INSERT", "UPDATE")):
+            deleted.append(study_mod.delete("tiny", url, force=True))
+
+    sqlalchemy.event.listen(storage.engine, "before_cursor_execute", delete_first)
+    try:
+        WRITES[kind](storage, trial)
+    except (sqlalchemy.exc.IntegrityError, optuna.exceptions.StorageInternalError):
+        pass  # refused by the database: the worker's error path then finds StudyGone
+    finally:
+        sqlalchemy.event.remove(storage.engine, "before_cursor_execute", delete_first)
+    assert deleted, "the write made no INSERT or UPDATE: this test lost its point"
+    assert not exists(url)
+    with sqlalchemy.create_engine(url).connect() as conn:
+        for table in ("trials", "trial_user_attributes", "trial_system_attributes", "trial_params", "trial_heartbeats"):
+            assert conn.execute(sqlalchemy.text(f"SELECT COUNT(*) FROM {table}")).scalar_one() == 0, table
+    with pytest.raises(StudyGone, match="study 'tiny' was deleted"):
+        trial.report(0.5, 0)
 
 
 def test_deleted_is_said_only_when_the_study_is_gone(tmp_path):
