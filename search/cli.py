@@ -407,16 +407,22 @@ def _fmt_metric(name: str, value: float) -> str:
 
 def _print_final(final: Optional[dict]) -> None:
     """The final stage's line (search/finalstage.py), with its notes; nothing without one."""
-    from search.finalstage import summary_line
+    from search.finalstage import pick_lines, summary_line
 
     if final is None:
         return
     out.print(summary_line(final), markup=False)
+    for line in pick_lines(final):
+        out.print(f"  {line}", markup=False)
     for note in final["notes"]:
         out.print(f"  note: {note}", markup=False)
+    name = final["study"][:-len(".final")]
     if final["done"] and final["model"]:
-        out.print(f"  the final model: cnnsearch export {final['study'][:-len('.final')]} --model final.pt",
-                  markup=False)
+        out.print(f"  the final model: cnnsearch export {name} --model final.pt", markup=False)
+    others = [p["rule"] for p in final["picks"][1:] if p["model"]] if final["done"] else []
+    if others:
+        out.print(f"  another pick's: cnnsearch export {name} --pick {others[0]} --model final.pt "
+                  f"(picks: {', '.join(others)})", markup=False)
 
 
 @app.command()
@@ -677,7 +683,8 @@ def export_(
     rank: Annotated[int, typer.Option(min=1, help="Export the N-th best completed trial (finalists).")] = 1,
     pick: Annotated[Optional[str], typer.Option(help="Multi-objective studies: the Pareto trial to export: "
                                                 "knee, or a limit like max_params=300000 (also max_macs, "
-                                                "max_latency_ms): the best learned value within it.")] = None,
+                                                "max_latency_ms): the best learned value within it. One of "
+                                                "the final stage's picks: that pick's final config (and --model).")] = None,
     model: Annotated[Optional[Path], typer.Option("--model", help="Also write the final stage's model "
                                                   "(a model.pt for `cnnsearch predict`) to this file.")] = None,
     storage: StorageOpt = None,
@@ -690,11 +697,11 @@ def export_(
 
     if sum((trial is not None, rank != 1, pick is not None)) > 1:
         raise UserError("give --trial or --rank or --pick, not two of them")
-    if model is not None and (trial is not None or rank != 1 or pick is not None):
-        raise UserError("--model writes the final stage's model; it does not go with --trial, --rank or --pick")
+    if model is not None and (trial is not None or rank != 1):
+        raise UserError("--model writes the final stage's model; it does not go with --trial or --rank")
     storage = open_store(storage, heartbeat_interval=None, create=False)  # once, for both files
     if model is not None:  # first: nothing is written when the model cannot be
-        final = export_mod.export_model(name, model, storage, artifacts)
+        final = export_mod.export_model(name, model, storage, artifacts, pick)
         out.print(f"wrote {model}: the final model of study {name!r} "
                   f"({_final_short(final)}); classify with: cnnsearch predict {model} IMAGE...", markup=False)
     doc = export_mod.export_best(name, output, storage, trial, rank, pick)

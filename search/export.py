@@ -77,14 +77,16 @@ def export_best(name: str, path: str | Path, store: Store | str | None = None, n
     """
     store = open_store(store, heartbeat_interval=None, create=False)
     study, spec, trial = study_mod.best_trial(name, store, number, rank, pick)
-    final = finalstage.results(study, spec) if number is None and rank == 1 and pick is None else None
+    stage_pick = 0 if pick is None else finalstage.pick_index(spec, pick)  # one of [final]'s picks: its result
+    final = (finalstage.results(study, spec, stage_pick)
+             if number is None and rank == 1 and stage_pick is not None else None)
     if final is not None and final["chosen"] is not None and final["chosen"]["source_trial"] is not None:
         trial = next(t for t in study.get_trials(deepcopy=False) if t.number == final["chosen"]["source_trial"])
     doc = export_document(study, spec, trial, store.url)
     if final is not None and final["chosen"] is not None:
         chosen = final["chosen"]
         doc["config"] = final["config"]
-        doc["provenance"]["final"] = {k: final[k] for k in ("study", "test_mean", "test_std", "done", "model",
+        doc["provenance"]["final"] = {k: final[k] for k in ("study", "pick", "test_mean", "test_std", "done", "model",
                                                             "wall_s", "compute_s", "notes")}
         doc["provenance"]["final"]["chosen_finalist"] = {k: chosen[k] for k in ("number", "value", "rank", "baseline")}
         doc["provenance"]["final"]["seeds"] = [{k: r[k] for k in ("seed", "state", "value", "test_acc", "model")}
@@ -94,20 +96,27 @@ def export_best(name: str, path: str | Path, store: Store | str | None = None, n
 
 
 def export_model(name: str, path: str | Path, store: Store | str | None = None,
-                 artifacts: str | None = None) -> dict:
-    """Copy the final model of study `name` (the final stage's best seed on validation) to
-    `path`, a model.pt that `cnnsearch predict` takes. Returns the final results.
+                 artifacts: str | None = None, pick: str | None = None) -> dict:
+    """Copy the final model of study `name` (the final stage's best seed on validation; of its
+    pick `pick`, one of [final]'s, when given) to `path`, a model.pt that `cnnsearch predict`
+    takes. Returns the final results.
 
     Raises:
-        ExportError: the study has no final stage, it has not finished, or its model file is
-            not in the artifact store here.
+        ExportError: the study has no final stage, `pick` is not one of its picks, it has not
+            finished, or its model file is not in the artifact store here.
     """
     from search.artifacts import artifact_store_if_any
     from search.files import write_atomic
 
     store = open_store(store, heartbeat_interval=None, create=False)
     study, spec = study_mod.load(name, store, validate=False)
-    final = finalstage.results(study, spec)
+    index = 0 if pick is None else finalstage.pick_index(spec, pick)
+    if index is None:
+        picks = spec.final.picks if spec.final is not None else ()
+        raise ExportError(f"--model with --pick {pick}: study {name!r}'s final stage trained "
+                          + (f"the picks {', '.join(picks)}; not this one" if picks else "no Pareto pick")
+                          + " (without --model, --pick exports that search trial's config)")
+    final = finalstage.results(study, spec, index)
     if final is None:
         raise ExportError(f"--model: study {name!r} has no final stage "
                           + ("yet" if spec.final is not None else "(no [final] section in its study file)"))

@@ -53,6 +53,7 @@ PARENT_ATTR = "parent_uid"  # child study user attr: the search study's uid, so 
 READY_ATTR = "finalists_enqueued"  # child study user attr, set last by its creator: the finalists are all there
 SEEDS_CLAIM = "seed_plan:"  # claim_numbered_attr prefix: index 0 enqueues the seed runs
 SEEDS_ATTR = "seeds_enqueued"  # child study user attr: the chosen finalist's trial number, once seeds are queued
+CHOSEN_ATTR = "chosen_per_pick"  # child study user attr: each pick's chosen finalist (trial number or None)
 NOTES_ATTR = "notes"  # child study user attr: what the stage says to the user (fewer finalists than asked, ...)
 KEPT_ATTR = "kept_for_final"  # search trial user attr: its last checkpoint stays for a finalist to carry on
 if TYPE_CHECKING:  # the read side (results, status, report) loads no torch; training imports it lazily
@@ -143,55 +144,93 @@ def load_child(parent: optuna.Study) -> optuna.Study | None:
     return child
 
 
-def _candidates(trials: list[optuna.trial.FrozenTrial], spec) -> tuple[list[optuna.trial.FrozenTrial],
-                                                                         optuna.trial.FrozenTrial | None, list[str]]:
+def _candidates(trials: list[optuna.trial.FrozenTrial], spec, rule: str | None) -> tuple[
+        list[optuna.trial.FrozenTrial], optuna.trial.FrozenTrial | None, list[str]]:
     """(the trials the finalists are taken from, best first; the Pareto pick or None; notes).
-    One objective: the completed trials. Several: the trial `final.pick` chooses from the front,
-    then the front's trials no larger than it (so a finalist keeps what the pick promised)."""
-    if not spec.multi:
+    One objective (`rule` None): the completed trials. Several: the trial the pick `rule` chooses
+    from the front, then the front's trials no larger than it (so a finalist keeps what the pick
+    promised)."""
+    if rule is None:
         return objectives.ranked(trials, spec.objectives), None, []
     try:
-        picked = objectives.pick(trials, spec.objectives, spec.final.pick, where=f"final.pick {spec.final.pick}")
+        picked = objectives.pick(trials, spec.objectives, rule, where=f"final.pick {rule}")
     except ExportError as exc:
         return [], None, [first_line(exc)]
     front = objectives.pareto_front(trials, spec.objectives)
     top = [t for t in front if objectives.no_larger(t, picked, spec.objectives)]
     values = ", ".join(f"{o.name} {objectives.fmt(v)}" for o, v in zip(spec.objectives, picked.values) if not o.learned)
-    return top, picked, [f"final.pick {spec.final.pick}: trial {picked.number} ({values}); finalists from it "
+    return top, picked, [f"final.pick {rule}: trial {picked.number} ({values}); finalists from it "
                          "and the Pareto front's trials no larger"]
 
 
+def _start_job(trials: list[optuna.trial.FrozenTrial], spec, top: list[optuna.trial.FrozenTrial],
+               picked: optuna.trial.FrozenTrial | None) -> tuple[dict | None, str | None]:
+    """The study's start ([[enqueue]] 1) as a finalist of one pick (or of the only choice), and a
+    note: (job or None, note or None)."""
+    start = spec.enqueue[0]
+    # The start's own search trial (an [[enqueue]] entry may leave parameters to the sampler):
+    # a completed one if any; its params, all of them, are what the finalist trains.
+    same = [t for t in trials if _is_start(t.params, start)]
+    done = [t for t in same if t.state == TrialState.COMPLETE and objectives.feasible(t)]
+    own = (done or same or [None])[0]
+    params = dict(own.params) if own is not None else dict(start)
+    if picked is not None and not (done and objectives.no_larger(done[0], picked, spec.objectives)):
+        why = "larger than the pick" if done else "no feasible completed search trial to size it by"
+        return None, f"the study's start ([[enqueue]] 1) is not a finalist: {why}"
+    source = own.number if own is not None else None
+    rank = next((k for k, t in enumerate(top, 1) if t.number == source), None)
+    note = (f"the study's start ([[enqueue]] 1, trial {source}) added as a finalist"
+            + (f" (search rank {rank})" if rank else " (it did not complete in the search)"))
+    return {"params": params, "rank": rank, "source_trial": source, "baseline": True}, note
+
+
 def _finalists(parent: optuna.Study, spec) -> tuple[list[dict], list[str]]:
-    """The finalist jobs (params and user attrs) and notes for the user."""
+    """The finalist jobs (params, source trial, the picks they serve with their rank in each)
+    and notes for the user. With several picks a trial that two picks share is one job."""
     final = spec.final
     trials = parent.get_trials(deepcopy=False)
-    top, picked, notes = _candidates(trials, spec)
-    if len(top) < final.finalists and (picked or not spec.multi):
-        what = "Pareto trials no larger than the pick" if picked else "completed search trials"
-        notes.append(f"{final.finalists} finalists asked for, {len(top)} {what}: "
-                     f"{len(top)} finalist{'s' if len(top) != 1 else ''}")
-    jobs = [{"params": dict(t.params), "rank": k, "source_trial": t.number}
-            for k, t in enumerate(top[:final.finalists], 1)]
-    if final.baseline and spec.enqueue and (picked or not spec.multi):
-        start = spec.enqueue[0]
-        # The start's own search trial (an [[enqueue]] entry may leave parameters to the sampler):
-        # a completed one if any; its params, all of them, are what the finalist trains.
-        same = [t for t in trials if _is_start(t.params, start)]
-        done = [t for t in same if t.state == TrialState.COMPLETE and objectives.feasible(t)]
-        own = (done or same or [None])[0]
-        params = dict(own.params) if own is not None else dict(start)
-        if picked is not None and not (done and objectives.no_larger(done[0], picked, spec.objectives)):
-            why = "larger than the pick" if done else "no feasible completed search trial to size it by"
-            notes.append(f"the study's start ([[enqueue]] 1) is not a finalist: {why}")
-        elif not any(j["params"] == params for j in jobs):
-            source = own.number if own is not None else None
-            rank = next((k for k, t in enumerate(top, 1) if t.number == source), None)
-            jobs.append({"params": params, "rank": rank, "source_trial": source, "baseline": True})
-            notes.append(f"the study's start ([[enqueue]] 1, trial {source}) added as a finalist"
-                         + (f" (search rank {rank})" if rank else " (it did not complete in the search)"))
-        else:
-            next(j for j in jobs if j["params"] == params)["baseline"] = True
+    jobs: list[dict] = []
+    notes: list[str] = []
+    several = len(final.picks) > 1
+    for i, rule in enumerate(final.picks or (None,)):
+        top, picked, more = _candidates(trials, spec, rule)
+        notes += more
+        if len(top) < final.finalists and (picked or rule is None):
+            what = "Pareto trials no larger than the pick" if picked else "completed search trials"
+            notes.append((f"final.pick {rule}: " if several else "") + f"{final.finalists} finalists asked for, "
+                         f"{len(top)} {what}: {len(top)} finalist{'s' if len(top) != 1 else ''}")
+        members = [{"params": dict(t.params), "rank": k, "source_trial": t.number, "baseline": False}
+                   for k, t in enumerate(top[:final.finalists], 1)]
+        if final.baseline and spec.enqueue and (picked or rule is None):
+            start, note = _start_job(trials, spec, top, picked)
+            same = None if start is None else next((m for m in members if m["params"] == start["params"]), None)
+            if same is not None:
+                same["baseline"] = True
+            else:
+                if start is not None:
+                    members.append(start)
+                if note and not (start is not None and any(j["params"] == start["params"] for j in jobs)):
+                    notes.append((f"final.pick {rule}: " if several else "") + note)
+        for m in members:
+            job = next((j for j in jobs if j["params"] == m["params"]), None)
+            if job is None:
+                job = {"params": m["params"], "rank": m["rank"], "source_trial": m["source_trial"],
+                       "baseline": False, "picks": [], "pick_ranks": []}
+                jobs.append(job)
+            job["picks"].append(i)
+            job["pick_ranks"].append(m["rank"])
+            job["baseline"] = job["baseline"] or m["baseline"]
     return jobs, notes
+
+
+def pick_index(spec, rule: str) -> int | None:
+    """Which of the final stage's picks `rule` is (the same limit, however written), or None."""
+    try:
+        wanted = objectives.parse_pick(rule)
+    except ValueError:
+        return None
+    picks = spec.final.picks if spec.final is not None else ()
+    return next((i for i, r in enumerate(picks) if objectives.parse_pick(r) == wanted), None)
 
 
 def open_child(parent: optuna.Study, spec, uid: str | None) -> optuna.Study:
@@ -222,8 +261,8 @@ def open_child(parent: optuna.Study, spec, uid: str | None) -> optuna.Study:
     child.set_user_attr(NOTES_ATTR, notes)
     child.set_user_attr("created_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
     for k, job in enumerate(jobs):
-        attrs = {"role": "finalist", "job": f"finalist:{k}", "rank": job["rank"],
-                 "source_trial": job["source_trial"], "baseline": job.get("baseline", False)}
+        attrs = {"role": "finalist", "job": f"finalist:{k}", "rank": job["rank"], "source_trial": job["source_trial"],
+                 "baseline": job["baseline"], "picks": job["picks"], "pick_ranks": job["pick_ranks"]}
         child.enqueue_trial(job["params"], user_attrs=attrs)
     child.set_user_attr(READY_ATTR, len(jobs))
     return child
@@ -272,16 +311,30 @@ def duplicate_of(trial: optuna.trial.FrozenTrial, trials: list[optuna.trial.Froz
     return None
 
 
-def choose(child: optuna.Study, goal: objectives.Objective) -> optuna.trial.FrozenTrial | None:
-    """The chosen finalist: the best value among completed finalists; ties go to the better
-    search rank (then the earlier job)."""
+def _in_pick(t: optuna.trial.FrozenTrial, pick: int) -> bool:
+    """Whether finalist `t` is one of pick `pick`'s (a job stored before several picks existed
+    is one of the only pick's)."""
+    return pick in t.user_attrs.get("picks", [0])
+
+
+def _pick_rank(t: optuna.trial.FrozenTrial, pick: int) -> int | None:
+    """Finalist `t`'s search rank within pick `pick` (None: the start, outside the ranked trials)."""
+    attrs = t.user_attrs
+    if "picks" not in attrs:
+        return attrs.get("rank")
+    return attrs["pick_ranks"][attrs["picks"].index(pick)]
+
+
+def choose(child: optuna.Study, goal: objectives.Objective, pick: int = 0) -> optuna.trial.FrozenTrial | None:
+    """The chosen finalist of pick `pick` (0: the only one of a single-objective study): the best
+    value among its completed finalists; ties go to the better search rank (then the earlier job)."""
     done = [t for t in _latest(child.get_trials(deepcopy=False), "finalist").values()
-            if t.state == TrialState.COMPLETE and t.value is not None]
+            if t.state == TrialState.COMPLETE and t.value is not None and _in_pick(t, pick)]
     if not done:
         return None
     best = max(t.value for t in done) if goal.maximize else min(t.value for t in done)
     tied = [t for t in done if t.value == best]
-    return min(tied, key=lambda t: (t.user_attrs.get("rank") or math.inf, t.number))
+    return min(tied, key=lambda t: (_pick_rank(t, pick) or math.inf, t.number))
 
 
 def advance(child: optuna.Study, spec, store: CheckpointStore | None) -> str:
@@ -308,7 +361,7 @@ def advance(child: optuna.Study, spec, store: CheckpointStore | None) -> str:
         # First, or taking over from a claimer that died before it finished: a seed run queued
         # twice is harmless, its second copy stops as a duplicate (`duplicate_of`).
         _enqueue_seeds(child, spec, store)
-        return "work" if SEEDS_ATTR in child.user_attrs and child.user_attrs[SEEDS_ATTR] is not None else "done"
+        trials = child.get_trials(deepcopy=False)
     seeds = _latest(trials, "seed").values()
     if any(t.state == TrialState.WAITING for t in seeds):
         return "work"
@@ -364,23 +417,33 @@ def _carry_on(trial: optuna.Trial, spec, params: dict, source: int | None, ckpt:
 
 
 def _enqueue_seeds(child: optuna.Study, spec, store: CheckpointStore | None) -> None:
+    """Every finalist is done: each pick's chosen finalist is trained over the seeds (a finalist
+    that two picks chose, once). CHOSEN_ATTR lists the chosen finalist of every pick, SEEDS_ATTR
+    (set last: the seeds are queued) the first pick's."""
     _drop_kept_states(child, store)
-    chosen = choose(child, spec.learned)
-    if chosen is None:
+    chosen = [choose(child, spec.learned, i) for i in range(max(1, len(spec.final.picks)))]
+    if all(c is None for c in chosen):
         child.set_user_attr(NOTES_ATTR, [*child.user_attrs.get(NOTES_ATTR, []),
                                          "no finalist finished its final training: no seed runs"])
         child.set_user_attr(SEEDS_ATTR, None)
         return
-    for k in range(spec.final.seeds):
-        attrs = {"role": "seed", "job": f"seed:{k}", "seed_index": k, "chosen": chosen.number,
-                 "rank": chosen.user_attrs.get("rank"), "source_trial": chosen.user_attrs.get("source_trial")}
-        if k == 0 and chosen.user_attrs.get("model"):
-            attrs["reuse"] = chosen.number  # the chosen finalist's run is seed 0: tested, not retrained
-        child.enqueue_trial(dict(chosen.params), user_attrs=attrs)
-    child.set_user_attr(SEEDS_ATTR, chosen.number)
-    if store is not None:  # the other finalists' models are not needed any more
+    queued: set[int] = set()
+    for c in chosen:
+        if c is None or c.number in queued:
+            continue
+        queued.add(c.number)
+        primary = chosen[0] is not None and c.number == chosen[0].number
+        for k in range(spec.final.seeds):
+            attrs = {"role": "seed", "job": f"seed:{k}" if primary else f"seed:{c.number}:{k}", "seed_index": k,
+                     "chosen": c.number, "rank": c.user_attrs.get("rank"), "source_trial": c.user_attrs.get("source_trial")}
+            if k == 0 and c.user_attrs.get("model"):
+                attrs["reuse"] = c.number  # the chosen finalist's run is seed 0: tested, not retrained
+            child.enqueue_trial(dict(c.params), user_attrs=attrs)
+    child.set_user_attr(CHOSEN_ATTR, [None if c is None else c.number for c in chosen])
+    child.set_user_attr(SEEDS_ATTR, None if chosen[0] is None else chosen[0].number)
+    if store is not None:  # the models of finalists no pick chose are not needed any more
         for t in _latest(child.get_trials(deepcopy=False), "finalist").values():
-            if t.number != chosen.number and t.user_attrs.get("model"):
+            if t.number not in queued and t.user_attrs.get("model"):
                 store.remove(t.user_attrs["model"])
 
 
@@ -523,13 +586,16 @@ def child_trial(child: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
     return next(t for t in child.get_trials(deepcopy=False) if t.number == number)
 
 
-def results(parent: optuna.Study, spec) -> dict | None:
-    """The final stage as stored: None when it has not started (or the study has no [final]).
+def results(parent: optuna.Study, spec, pick: int = 0) -> dict | None:
+    """The final stage as stored, as seen by its pick `pick` (0: the study's own, or the only
+    choice of a single-objective study): None when it has not started (or the study has no [final]).
 
-    Keys: finalists (rows), chosen (the chosen finalist's row or None), seeds (rows), test_mean,
-    test_std, model (artifact id of the final model: the seed with the best validation value),
-    config (the chosen config at the final budget), done, notes, wall_s (first job's start to
-    last job's end), compute_s (the jobs' training seconds).
+    Keys: finalists (that pick's rows), chosen (its chosen finalist's row or None), seeds (rows),
+    test_mean, test_std, model (artifact id of its final model: the seed with the best
+    validation value), config (the chosen config at the final budget), pick (the rule, None with
+    one objective), picks (one short entry per pick, the others' included: rule, chosen, n_params,
+    test_mean, test_std, tested, model), done, notes, wall_s (first job's start to last job's
+    end), compute_s (every job's training seconds).
     """
     if spec.final is None:
         return None
@@ -551,31 +617,44 @@ def results(parent: optuna.Study, spec) -> dict | None:
                 "model": a.get("model"), "epochs": a.get("epochs"), "history": a.get("history", []),
                 "epochs_done": len(t.intermediate_values),
                 "reused_from": a.get("reused_from"), "params": dict(t.params), "host": a.get("host"),
-                "device": a.get("device")}
+                "device": a.get("device"), "chosen": a.get("chosen")}
 
-    finalists = [row(t) for t in _latest(trials, "finalist").values()]
-    seeds = [row(t) for t in _latest(trials, "seed").values()]
-    chosen_number = attrs.get(SEEDS_ATTR)
-    chosen = next((f for f in finalists if f["number"] == chosen_number), None)
-    tests = [s["test_acc"] for s in seeds if s["state"] == "COMPLETE" and s["test_acc"] is not None]
-    done_seeds = [s for s in seeds if s["state"] == "COMPLETE" and s["value"] is not None]
-    model = None
-    if done_seeds:
-        pick = max if goal.maximize else min
-        best_value = pick(s["value"] for s in done_seeds)
-        model = next(s["model"] for s in done_seeds if s["value"] == best_value)
+    finalist_trials = list(_latest(trials, "finalist").values())
+    all_seeds = [row(t) for t in _latest(trials, "seed").values()]
+    chosen_numbers = attrs.get(CHOSEN_ATTR, [attrs.get(SEEDS_ATTR)])  # a stage stored before several picks
+    rules = spec.final.picks or (None,)
+
+    def view(i: int) -> dict:
+        finalists = [row(t) for t in finalist_trials if _in_pick(t, i)]
+        number = chosen_numbers[i] if SEEDS_ATTR in attrs and i < len(chosen_numbers) else None
+        chosen = next((f for f in finalists if f["number"] == number), None)
+        seeds = [s for s in all_seeds if s["chosen"] == number] if number is not None else []
+        tests = [s["test_acc"] for s in seeds if s["state"] == "COMPLETE" and s["test_acc"] is not None]
+        done_seeds = [s for s in seeds if s["state"] == "COMPLETE" and s["value"] is not None]
+        model = None
+        if done_seeds:
+            best_value = (max if goal.maximize else min)(s["value"] for s in done_seeds)
+            model = next(s["model"] for s in done_seeds if s["value"] == best_value)
+        return {"finalists": finalists, "chosen": chosen, "seeds": seeds, "model": model, "pick": rules[i],
+                "test_mean": statistics.fmean(tests) if tests else None,
+                "test_std": statistics.stdev(tests) if len(tests) > 1 else None, "tested": len(tests)}
+
+    views = [view(i) for i in range(len(rules))]
     jobs = [t for t in trials if "job" in t.user_attrs]
     starts = [t.datetime_start for t in jobs if t.datetime_start]
     ends = [t.datetime_complete for t in jobs if t.datetime_complete]
     running = any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in jobs)
     done = SEEDS_ATTR in attrs and not running
-    return {"study": child.study_name, "finalists": finalists, "chosen": chosen, "seeds": seeds,
-            "test_mean": statistics.fmean(tests) if tests else None,
-            "test_std": statistics.stdev(tests) if len(tests) > 1 else None,
-            "model": model, "done": done, "notes": list(attrs.get(NOTES_ATTR, [])),
+    mine = views[pick]
+    chosen = mine["chosen"]
+    return {**mine, "study": child.study_name, "done": done, "notes": list(attrs.get(NOTES_ATTR, [])),
             "config": config.to_dict(final_config(spec, chosen["params"])) if chosen else None,
+            "picks": [{"rule": v["pick"], "chosen": v["chosen"], "test_mean": v["test_mean"], "test_std": v["test_std"],
+                       "tested": v["tested"], "seeds": len(v["seeds"]), "model": v["model"],
+                       "n_params": v["chosen"]["n_params"] if v["chosen"] else None} for v in views],
             "wall_s": (max(ends) - min(starts)).total_seconds() if starts and ends and done else None,
-            "compute_s": sum(r["seconds"] or 0 for r in finalists + seeds), "metric": goal.name}
+            "compute_s": sum(r["seconds"] or 0 for r in [row(t) for t in finalist_trials] + all_seeds),
+            "metric": goal.name}
 
 
 def summary_line(res: dict) -> str:
@@ -591,7 +670,8 @@ def summary_line(res: dict) -> str:
         of = "" if tested == len(res["seeds"]) else f" of {len(res['seeds'])}"
         state = "" if res["done"] else " so far"
         plural = "s" if (len(res["seeds"]) if of else tested) != 1 else ""
-        return (f"final: test acc {res['test_mean']:.2%}{std} over {tested}{of} seed{plural}"
+        head = f"final (pick {res['pick']})" if len(res.get("picks", ())) > 1 else "final"
+        return (f"{head}: test acc {res['test_mean']:.2%}{std} over {tested}{of} seed{plural}"
                 f"{state} ({src}, chosen from {len(res['finalists'])} finalists on validation)")
     fin_done = sum(f["state"] in ("COMPLETE", "PRUNED", "FAIL") for f in res["finalists"])
     if res["chosen"] is None:
@@ -599,3 +679,24 @@ def summary_line(res: dict) -> str:
             return "final: no result (see the notes)"
         return f"final stage: {fin_done}/{len(res['finalists'])} finalists trained"
     return f"final stage: chosen trial {res['chosen']['source_trial']}; {n_seeds}/{len(res['seeds'])} seed runs done"
+
+
+def pick_lines(res: dict) -> list[str]:
+    """With several picks, one line for each: its rule, test accuracy and chosen network."""
+    if len(res["picks"]) < 2:
+        return []
+    lines = []
+    for p in res["picks"]:
+        chosen = p["chosen"]
+        if chosen is None:
+            lines.append(f"pick {p['rule']}: " + ("no finalist finished" if res["done"] else "finalists training"))
+            continue
+        src = f"trial {chosen['source_trial']}" if chosen["source_trial"] is not None else "the start"
+        size = f", {chosen['n_params']:,} params" if chosen["n_params"] else ""
+        if p["test_mean"] is None:
+            test = f"chosen, {p['seeds']} seed runs queued"
+        else:
+            std = f" ± {p['test_std']:.2%}" if p["test_std"] is not None else ""
+            test = f"test acc {p['test_mean']:.2%}{std} over {p['tested']} seed{'s' if p['tested'] != 1 else ''}"
+        lines.append(f"pick {p['rule']}: {test} ({src}{size})")
+    return lines

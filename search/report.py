@@ -388,7 +388,16 @@ def _final_section(final: dict, name: str) -> str:
                     num(r["seconds"], "{:.0f}"), "reused the chosen finalist's run" if r["reused_from"] is not None
                     else "yes") for r in final["seeds"]])
     notes = "".join(f"<p class='note'>{esc(n)}</p>" for n in final["notes"])
-    return (f'<section id="final"><h2>Final stage</h2><p>{esc(finalstage.summary_line(final))}.</p>{notes}'
+    picks = ""
+    if len(final["picks"]) > 1:  # the front after final training: one row per pick
+        picks = ("<p>Each pick of <code>[final]</code>: its chosen network at the final budget, tested over seeds; "
+                 f"<code>cnnsearch export {esc(name)} --pick RULE --model final.pt</code> writes its model. "
+                 "The tables below are the first pick's.</p>"
+                 + table(("pick", "search trial", "n_params", "test acc (mean)", "± std", "seeds tested"),
+                         [(p["rule"], (p["chosen"]["source_trial"] if p["chosen"]["source_trial"] is not None else "start")
+                           if p["chosen"] else "-", num(p["n_params"], "{:,}"), num(p["test_mean"], "{:.2%}"),
+                           num(p["test_std"], "{:.2%}"), p["tested"]) for p in final["picks"]]))
+    return (f'<section id="final"><h2>Final stage</h2><p>{esc(finalstage.summary_line(final))}.</p>{notes}{picks}'
             f"<p>Finalists: the best search trials (and the study's start), each trained at the final budget "
             f"without reading the test split; the chosen one is the best on validation.</p>{finalists}"
             f"<p>The chosen config over seeds, the test split read once per seed; "

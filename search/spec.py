@@ -75,7 +75,15 @@ class FinalSpec:
     baseline: bool = True  # the first [[enqueue]] entry is always a finalist (with `pick`: if no larger)
     # Several objectives: the Pareto trial the stage starts from (objectives.pick: "knee" or
     # "max_params=300000"); the finalists are it and the best front trials no larger than it.
+    # A list in the study file (pick = ["max_params=20000", "knee"]) trains each pick's own
+    # finalists and seeds: `pick` is the first rule (the study's final model), `more_picks` the rest.
     pick: str | None = None
+    more_picks: tuple[str, ...] = ()
+
+    @property
+    def picks(self) -> tuple[str, ...]:
+        """Every pick rule, the study's own (first) first; () in a single-objective study."""
+        return (self.pick, *self.more_picks) if self.pick is not None else ()
 
 
 @dataclass(frozen=True)
@@ -250,9 +258,17 @@ def spec_to_dict(spec: StudySpec) -> dict[str, Any]:
         "pruner": {"name": spec.pruner.name, "kwargs": spec.pruner.kwargs},
         "enqueue": list(spec.enqueue),
         # left out when absent: specs stored before these sections compare equal
-        **({"final": {k: v for k, v in dataclasses.asdict(spec.final).items() if not (k == "pick" and v is None)}}
-           if spec.final is not None else {}),
+        **({"final": _final_to_dict(spec.final)} if spec.final is not None else {}),
         **({"warm_start": dataclasses.asdict(spec.warm_start)} if spec.warm_start is not None else {})})
+
+
+def _final_to_dict(final: FinalSpec) -> dict:
+    """[final] as the study file writes it: `pick` left out when None (specs stored before it
+    compare equal), a list when there are several."""
+    out = {k: v for k, v in dataclasses.asdict(final).items() if k not in ("pick", "more_picks")}
+    if final.pick is not None:
+        out["pick"] = list(final.picks) if final.more_picks else final.pick
+    return out
 
 
 def make_sampler(spec: StudySpec, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
@@ -410,30 +426,40 @@ def _bool_key(table: Mapping[str, Any], section: str, key: str, default: bool) -
     return value
 
 
-def _parse_pick(rule: Any, objectives_: tuple[Objective, ...]) -> str | None:
-    """`final.pick`: "knee" by default in a multi-objective study; refused in a single-objective one."""
+def _parse_pick(rule: Any, objectives_: tuple[Objective, ...]) -> tuple[str, ...]:
+    """`final.pick`: one rule or a list of them; ("knee",) by default in a multi-objective study,
+    () in a single-objective one (where a pick is refused)."""
     if len(objectives_) == 1:
         if rule is not None:
             raise _Invalid(f"final.pick: {rule!r} picks from a Pareto front; this study has one objective "
                            f"({objectives_[0].name}), its finalists are its best trials")
-        return None
-    rule = "knee" if rule is None else rule
-    try:
-        parsed = objectives.parse_pick(rule)
-    except ValueError as exc:
-        raise _Invalid(f"final.pick: {exc}") from None
+        return ()
+    rules = ["knee" if rule is None else rule] if not isinstance(rule, list) else rule
+    if not rules:
+        raise _Invalid("final.pick: an empty list; give one rule (knee, max_params=300000) or several")
     static = [o.name for o in objectives_ if not o.learned]
-    if parsed is not None and parsed[0] not in static:
-        raise _Invalid(f"final.pick: {rule.strip()} limits {parsed[0]}, which is not one of the study's objectives "
-                       f"({', '.join(o.name for o in objectives_)})")
-    return rule.strip()
+    out: list[str] = []
+    seen: set = set()
+    for one in rules:
+        try:
+            parsed = objectives.parse_pick(one)
+        except ValueError as exc:
+            raise _Invalid(f"final.pick: {exc}") from None
+        if parsed is not None and parsed[0] not in static:
+            raise _Invalid(f"final.pick: {one.strip()} limits {parsed[0]}, which is not one of the study's "
+                           f"objectives ({', '.join(o.name for o in objectives_)})")
+        if parsed in seen:
+            raise _Invalid(f"final.pick: {one.strip()} is listed twice")
+        seen.add(parsed)
+        out.append(one.strip())
+    return tuple(out)
 
 
 def _parse_final(doc: Mapping[str, Any], enqueue: tuple[dict, ...], head: Mapping[str, Any]) -> FinalSpec | None:
     if "final" not in doc:
         return None
     table = _table(doc, "final", FINAL_KEYS)
-    pick = _parse_pick(table.get("pick"), head["objectives"])
+    picks = _parse_pick(table.get("pick"), head["objectives"])
     d = FinalSpec()
     final = FinalSpec(finalists=_int_key(table, "final", "finalists", d.finalists),
                       epochs=_int_key(table, "final", "epochs", d.epochs),
@@ -441,7 +467,8 @@ def _parse_final(doc: Mapping[str, Any], enqueue: tuple[dict, ...], head: Mappin
                       stretch_schedule=_bool_key(table, "final", "stretch_schedule", d.stretch_schedule),
                       seeds=_int_key(table, "final", "seeds", d.seeds),
                       average_last=_int_key(table, "final", "average_last", d.average_last),
-                      baseline=_bool_key(table, "final", "baseline", d.baseline), pick=pick)
+                      baseline=_bool_key(table, "final", "baseline", d.baseline),
+                      pick=picks[0] if picks else None, more_picks=picks[1:])
     epochs = final.epochs
     if epochs is not None and final.average_last > epochs:
         raise _Invalid(f"final.average_last: {final.average_last} epochs, more than the final "

@@ -327,6 +327,75 @@ def test_a_multi_objective_final_stage_trains_the_pick_and_no_larger_front_trial
     assert doc["provenance"]["final"]["test_mean"] == res["test_mean"] and doc["config"]["epochs"] == 4
 
 
+def test_several_picks_each_get_their_finalists_seeds_and_model(tmp_path):
+    """[final] pick = ["knee", "max_params=N"]: each pick's finalists are front trials no larger
+    than it (a trial two picks share is trained once), each pick's chosen finalist is trained over
+    the seeds and tested; status has a line per pick, and export --pick RULE --model writes that
+    pick's model. The first pick stays the study's own result."""
+    width = '[space.width]\ntype = "categorical"\nchoices = [2, 8, 32]\ntarget = "model_params.channels[1]"\n'
+    path = tiny_study(tmp_path, name="mo", n_trials=8, epochs=3, pruner='name = "NopPruner"',
+                      extra_study='objectives = ["val_acc", "n_params"]',
+                      enqueue=BASELINE + width + '\n[final]\npick = ["knee", "max_params=2500"]\nfinalists = 2\n'
+                                                 'epochs = 4\nseeds = 2\n')
+    path.write_text(path.read_text().replace("low = 1e-6", "low = 3e-3"))
+    spec = spec_mod.load_spec(path)
+    assert spec.final.picks == ("knee", "max_params=2500")
+    assert spec_mod.spec_from_dict(spec_mod.spec_to_dict(spec)) == spec
+    url = f"sqlite:///{tmp_path}/s.db"
+    study_mod.create(spec, url)
+    assert run_worker("mo", url, device="cpu", worker_index=0).stopped_because == "final stage done"
+    study, spec = study_mod.load("mo", url)
+    trials = {t.number: t for t in study.get_trials()}
+    first, second = finalstage.results(study, spec, 0), finalstage.results(study, spec, 1)
+    assert first["done"] and second["done"] and first["pick"] == "knee" and second["pick"] == "max_params=2500"
+    for res, rule in ((first, "knee"), (second, "max_params=2500")):
+        picked = objectives.pick(list(trials.values()), spec.objectives, rule)
+        sizes = [trials[f["source_trial"]].values[1] for f in res["finalists"] if f["source_trial"] is not None]
+        assert sizes and all(size <= picked.values[1] for size in sizes), (rule, sizes, picked.values)
+        assert len(res["seeds"]) == 2 and all(s["test_acc"] is not None for s in res["seeds"])
+        assert {s["chosen"] for s in res["seeds"]} == {res["chosen"]["number"]}
+        assert res["chosen"]["n_params"] <= picked.values[1] and res["model"] is not None
+    assert second["chosen"]["n_params"] < first["chosen"]["n_params"], "the picks chose one network: no test"
+    assert first["picks"] == second["picks"] and [p["rule"] for p in first["picks"]] == ["knee", "max_params=2500"]
+    jobs = [t for t in _child_trials(url, "mo") if t.user_attrs.get("role") == "finalist"]
+    assert len({json.dumps(t.params, sort_keys=True) for t in jobs}) == len(jobs)  # a shared finalist: one job
+    status = runner.invoke(app, ["status", "mo", "--storage", url])
+    assert status.exit_code == 0, status.output
+    assert "final (pick knee): test acc " in status.stdout and "  pick max_params=2500: test acc " in status.stdout
+    assert "cnnsearch export mo --pick max_params=2500 --model final.pt" in status.stdout
+    page = runner.invoke(app, ["report", "mo", "--storage", url, "-o", str(tmp_path / "r.html")])
+    assert page.exit_code == 0, page.output
+    text = (tmp_path / "r.html").read_text()
+    assert "<td>max_params=2500</td>" in text and f"<td>{second['test_mean']:.2%}</td>" in text
+    small = tmp_path / "small.pt"
+    out = runner.invoke(app, ["export", "mo", "--storage", url, "--pick", "max_params=2_500", "--model", str(small),
+                              "-o", str(tmp_path / "small.json")])
+    assert out.exit_code == 0, out.output
+    doc = json.loads((tmp_path / "small.json").read_text())
+    assert doc["provenance"]["final"]["pick"] == "max_params=2500"
+    assert doc["provenance"]["final"]["test_mean"] == second["test_mean"]
+    from search.modelfile import load_model_file
+    assert sum(p.numel() for p in load_model_file(small, "cpu").model.parameters()) <= 2500
+    result = runner.invoke(app, ["export", "mo", "--storage", url, "--pick", "max_params=7777", "--model",
+                                 str(tmp_path / "x.pt"), "-o", str(tmp_path / "x.json")])
+    assert_one_line_error(result, "--model with --pick max_params=7777: study 'mo''s final stage trained the picks "
+                                  "knee, max_params=2500; not this one")
+    assert not (tmp_path / "x.pt").exists() and not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("pick, fragment", [
+    ("[]", "final.pick: an empty list"),
+    ('["knee", "max_params=1e5", "max_params=100000"]', "final.pick: max_params=100000 is listed twice"),
+    ('["knee", 300000]', "final.pick: expected a string, knee or LIMIT=NUMBER, got 300000"),
+    ('["knee", "max_flops=3"]', "final.pick: expected knee or LIMIT=NUMBER"),
+])
+def test_a_bad_list_of_picks_is_one_line_at_load(tmp_path, pick, fragment):
+    path = tiny_study(tmp_path, extra_study='objectives = ["val_acc", "n_params"]', enqueue=f"[final]\npick = {pick}\n")
+    with pytest.raises(SpecError) as err:
+        spec_mod.load_spec(path)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
 def test_a_finalist_carries_its_search_trials_run_on_and_ends_as_one_trained_from_the_start(tmp_path):
     """No subset and no schedule: a finalist's final config is its trial's, 4 epochs instead of 3.
     It carries the trial's kept last state on for one more epoch, and ends with exactly the
