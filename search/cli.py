@@ -461,8 +461,10 @@ def create(
     if spec.final is not None:
         f = spec.final
         epochs = f.epochs or spec.fixed.get("epochs", "the trials'")
-        out.print(f"  then the final stage: {f.finalists} finalists{' and the start' if f.baseline and spec.enqueue else ''}"
-                  f" for {epochs} epochs"
+        start = " and the start" + (" if no larger" if f.picks else "") if f.baseline and spec.enqueue else ""
+        picks = (f"for pick {f.pick}" if len(f.picks) == 1 else f"for each of {len(f.picks)} picks "
+                 f"({', '.join(f.picks)})") + ": " if f.picks else ""
+        out.print(f"  then the final stage: {picks}{f.finalists} finalists{start} for {epochs} epochs"
                   f"{' on all training images' if f.full_data else ''}, the best over {f.seeds} seeds", markup=False)
 
 
