@@ -22,6 +22,11 @@ learning curves, and the search's sampler never sees its long runs.
 4. Results. `results` reads everything back from the child study for status, best, report and
    export (`export --model final.pt`).
 
+A multi-objective study's finalists are taken from the Pareto front by `final.pick`. Given
+several picks, each has its own finalists (a trial two picks share is one job, tagged with every
+pick it serves), its own choice and its own seed runs; `results(pick=i)` is pick i's view, and
+the first pick's is the study's own result.
+
 Every job saves its `TrainState` after each epoch like a search trial (search/artifacts.py); a
 job cut off by a killed worker is retried once and resumes from its last checkpoint. A finished
 job keeps its model file (`<child>-model-trial<N>.pt`) in the artifact store; a finalist's is
