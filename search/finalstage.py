@@ -196,6 +196,7 @@ def _finalists(parent: optuna.Study, spec) -> tuple[list[dict], list[str]]:
     trials = parent.get_trials(deepcopy=False)
     jobs: list[dict] = []
     notes: list[str] = []
+    left_out: dict[str, list] = {}  # why the start is not a finalist -> the picks it is not one of
     several = len(final.picks) > 1
     for i, rule in enumerate(final.picks or (None,)):
         top, picked, more = _candidates(trials, spec, rule)
@@ -211,10 +212,11 @@ def _finalists(parent: optuna.Study, spec) -> tuple[list[dict], list[str]]:
             same = None if start is None else next((m for m in members if m["params"] == start["params"]), None)
             if same is not None:
                 same["baseline"] = True
+            elif start is None:
+                left_out.setdefault(note, []).append(rule)
             else:
-                if start is not None:
-                    members.append(start)
-                if note and not (start is not None and any(j["params"] == start["params"] for j in jobs)):
+                members.append(start)
+                if not any(j["params"] == start["params"] for j in jobs):
                     notes.append((f"final.pick {rule}: " if several else "") + note)
         for m in members:
             job = next((j for j in jobs if j["params"] == m["params"]), None)
@@ -225,6 +227,9 @@ def _finalists(parent: optuna.Study, spec) -> tuple[list[dict], list[str]]:
             job["picks"].append(i)
             job["pick_ranks"].append(m["rank"])
             job["baseline"] = job["baseline"] or m["baseline"]
+    for note, rules in left_out.items():  # one line, however many picks it is not a finalist of
+        which = f" of {'pick' if len(rules) == 1 else 'picks'} {', '.join(rules)}" if several else ""
+        notes.append(note.replace(" is not a finalist:", f" is not a finalist{which}:"))
     return jobs, notes
 
 
@@ -599,8 +604,8 @@ def results(parent: optuna.Study, spec, pick: int = 0) -> dict | None:
     test_mean, test_std, model (artifact id of its final model: the seed with the best
     validation value), config (the chosen config at the final budget), pick (the rule, None with
     one objective), picks (one short entry per pick, the others' included: rule, chosen, n_params,
-    test_mean, test_std, tested, model), done, notes, wall_s (first job's start to last job's
-    end), compute_s (every job's training seconds).
+    test_mean, test_std, tested, model), all_finalists (every pick's rows), done, notes, wall_s
+    (first job's start to last job's end), compute_s (every job's training seconds).
     """
     if spec.final is None:
         return None
@@ -625,12 +630,13 @@ def results(parent: optuna.Study, spec, pick: int = 0) -> dict | None:
                 "device": a.get("device"), "chosen": a.get("chosen")}
 
     finalist_trials = list(_latest(trials, "finalist").values())
+    all_finalists = [row(t) for t in finalist_trials]
     all_seeds = [row(t) for t in _latest(trials, "seed").values()]
     chosen_numbers = attrs.get(CHOSEN_ATTR, [attrs.get(SEEDS_ATTR)])  # a stage stored before several picks
     rules = spec.final.picks or (None,)
 
     def view(i: int) -> dict:
-        finalists = [row(t) for t in finalist_trials if _in_pick(t, i)]
+        finalists = [r for t, r in zip(finalist_trials, all_finalists) if _in_pick(t, i)]
         number = chosen_numbers[i] if SEEDS_ATTR in attrs and i < len(chosen_numbers) else None
         chosen = next((f for f in finalists if f["number"] == number), None)
         seeds = [s for s in all_seeds if s["chosen"] == number] if number is not None else []
@@ -653,12 +659,13 @@ def results(parent: optuna.Study, spec, pick: int = 0) -> dict | None:
     mine = views[pick]
     chosen = mine["chosen"]
     return {**mine, "study": child.study_name, "done": done, "notes": list(attrs.get(NOTES_ATTR, [])),
+            "all_finalists": all_finalists,
             "config": config.to_dict(final_config(spec, chosen["params"])) if chosen else None,
             "picks": [{"rule": v["pick"], "chosen": v["chosen"], "test_mean": v["test_mean"], "test_std": v["test_std"],
                        "tested": v["tested"], "seeds": len(v["seeds"]), "model": v["model"],
                        "n_params": v["chosen"]["n_params"] if v["chosen"] else None} for v in views],
             "wall_s": (max(ends) - min(starts)).total_seconds() if starts and ends and done else None,
-            "compute_s": sum(r["seconds"] or 0 for r in [row(t) for t in finalist_trials] + all_seeds),
+            "compute_s": sum(r["seconds"] or 0 for r in all_finalists + all_seeds),
             "metric": goal.name}
 
 
@@ -678,11 +685,12 @@ def summary_line(res: dict) -> str:
         head = f"final (pick {res['pick']})" if len(res.get("picks", ())) > 1 else "final"
         return (f"{head}: test acc {res['test_mean']:.2%}{std} over {tested}{of} seed{plural}"
                 f"{state} ({src}, chosen from {len(res['finalists'])} finalists on validation)")
-    fin_done = sum(f["state"] in ("COMPLETE", "PRUNED", "FAIL") for f in res["finalists"])
+    finalists = res.get("all_finalists", res["finalists"])  # with several picks, every pick's
+    fin_done = sum(f["state"] in ("COMPLETE", "PRUNED", "FAIL") for f in finalists)
     if res["chosen"] is None:
         if res["done"]:
             return "final: no result (see the notes)"
-        return f"final stage: {fin_done}/{len(res['finalists'])} finalists trained"
+        return f"final stage: {fin_done}/{len(finalists)} finalists trained"
     return f"final stage: chosen trial {res['chosen']['source_trial']}; {n_seeds}/{len(res['seeds'])} seed runs done"
 
 
