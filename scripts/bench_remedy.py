@@ -37,7 +37,7 @@ from pathlib import Path
 import optuna
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pruning import add_run_args, quiet_setup  # noqa: E402
+from bench_pruning import add_run_args, epochs_trained, quiet_setup  # noqa: E402
 
 from search import finalstage  # noqa: E402
 from search import spec as spec_mod  # noqa: E402
@@ -73,12 +73,6 @@ def protocol_specs(args, seed: int) -> dict[str, spec_mod.StudySpec]:
             for s in (short, hyperband)}
 
 
-def search_epochs(t: optuna.trial.FrozenTrial) -> int:
-    """Epochs a search trial trained (a diverged one's last epoch included)."""
-    healthy = len(t.user_attrs.get("epoch_seconds", t.intermediate_values))
-    return healthy + str(t.user_attrs.get("stop_reason", "")).startswith("diverged")
-
-
 def job_epochs(t: optuna.trial.FrozenTrial) -> int:
     """Epochs a final-stage job trained itself: none when it reused the chosen finalist's run,
     and not those of the search trial it carried on."""
@@ -97,7 +91,7 @@ def run_protocol(spec: spec_mod.StudySpec, device: str, folder: Path) -> dict:
     study, spec = study_mod.load(spec.name, url, validate=False)
     res = finalstage.results(study, spec)
     child = finalstage.load_child(study)
-    epochs = (sum(search_epochs(t) for t in study.get_trials(deepcopy=False))
+    epochs = (sum(epochs_trained(t) for t in study.get_trials(deepcopy=False))
               + sum(job_epochs(t) for t in child.get_trials(deepcopy=False) if "job" in t.user_attrs))
     chosen = res["chosen"] if res else None
     return {"stopped": result.stopped_because, "test": res["test_mean"] if res else None,
