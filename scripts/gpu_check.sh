@@ -12,6 +12,20 @@
 #      (embedded digits, no download), each for a fixed window: trials per hour and their ratio.
 #      Without CUDA the same comparison runs as `--cpus 3` vs `--cpus 1` (labelled CPU), so the
 #      launch and measuring steps are exercised before any GPU time is spent on them.
+#   6. the CIFAR final training: `cnnsearch train scripts/gpu_check_cifar.toml` (the six-conv
+#      configuration the CIFAR study chose on the CPU, width 2, 2.2 M params) for CIFAR_EPOCHS
+#      (default 30) on all 45,000 training images of the CIFAR-10 (JPEG q75 copy), tested once:
+#      data load, seconds an epoch, wall, test accuracy (the issue's bar on a GPU: >= 93% for the
+#      six-conv family), and what 100 epochs (the shipped [final] budget) would take. Budget
+#      B_CIFAR (default 300 s), outside the 8 minutes of parts 1-5.
+#
+# GPU_CHECK_PARTS picks parts (default "tests engine resume launch cifar"; the environment always
+# runs). The CIFAR zip (59.3 MiB) cannot travel in the same call as MNIST and the wheels (a call
+# carries at most 64 MiB), so part 6 is a second call of its own, right after the first while the
+# machine is still warm; `cnnsearch train` needs no Optuna, so it carries no wheels and skips
+# setup:
+#   mkdir -p shared/datasets && cp -r ../shared/datasets/cifar10-jpeg shared/datasets/
+#   GPU_CHECK_PARTS=cifar GPU_CHECK_OUT=$OUT bash scripts/gpu_check.sh    # ~60 MiB with the repo
 #
 #   bash scripts/gpu_check.sh                      # here, or on the GPU machine
 #   GPU_CHECK_OUT=$OUT bash scripts/gpu_check.sh   # also copy summary.txt and the logs there
@@ -35,8 +49,9 @@
 # ../shared/datasets/mnist; ../shared does not travel to the device machine, so copy it (12 MB):
 #   mkdir -p shared/datasets && cp -r ../shared/datasets/mnist shared/datasets/
 #
-# Knobs: GPU_CHECK_DEVICE=cpu runs parts 3-4 on the CPU too (a dry run of the script's parsing;
-# cpu:0 takes bench_resume's non-CPU reporting path), with B_ENGINE=400 B_RESUME=400 on a slow CPU;
+# Knobs: GPU_CHECK_DEVICE=cpu runs parts 3-4 and 6 on the CPU too (a dry run of the script's parsing;
+# cpu:0 takes bench_resume's non-CPU reporting path), with B_ENGINE=400 B_RESUME=400 on a slow CPU
+# (and CIFAR_EPOCHS=1 CIFAR_SUBSET=2000 for part 6; CIFAR_DIR: the folder holding cifar10-jpeg/);
 # LAUNCH_WINDOW: seconds each launch runs (default: what is left of the 470 s, 30 to 60).
 
 set -euo pipefail
@@ -58,6 +73,13 @@ B_CREATE=${B_CREATE:-25}      # each launch run: create, the window, up to B_STO
 B_STOP=${B_STOP:-10}
 B_COUNT=${B_COUNT:-10}
 B_FIXED=$((B_SETUP + B_ENV + B_TESTS + B_ENGINE + B_RESUME))
+B_CIFAR=${B_CIFAR:-300}       # part 6, a call of its own (see above)
+PARTS=" ${GPU_CHECK_PARTS:-tests engine resume launch cifar} "
+for part in $PARTS; do
+    case $part in tests|engine|resume|launch|cifar) ;;
+        *) echo "GPU_CHECK_PARTS: unknown part '$part' (parts: tests engine resume launch cifar)" >&2; exit 2;; esac
+done
+want() { [ "${PARTS/ $1 /}" != "$PARTS" ]; }
 
 WORK=$(mktemp -d -t gpu_check.XXXXXX)
 SUMMARY=$WORK/summary.txt
@@ -79,6 +101,7 @@ trap finish EXIT
 say() { printf '%s\n' "$*"; }
 addsum() { printf '%s\n' "$*" >>"$SUMMARY"; }
 header() { say; say "==== [$1] $2 (budget ${3}s, starting at $((SECONDS - START))s) ===="; }
+not_asked() { say "skipped: $1 is not in GPU_CHECK_PARTS ($PARTS)"; }
 
 PART_RC=0
 # run_part LOGNAME BUDGET command...: under timeout, output to the screen and
@@ -110,13 +133,16 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # the project, installed o
 say "gpu_check: repo $REPO, python $PY_NOTE, work dir $WORK"
 say "budgets: setup ${B_SETUP}s, environment ${B_ENV}s, gpu tests ${B_TESTS}s, bench_engine ${B_ENGINE}s," \
     "bench_resume ${B_RESUME}s (${B_FIXED}s), then launch 2 x (create ${B_CREATE}s + a 30-60s window + stop" \
-    "${B_STOP}s + count ${B_COUNT}s) in what is left of ${LIMIT}s"
+    "${B_STOP}s + count ${B_COUNT}s) in what is left of ${LIMIT}s; cifar ${B_CIFAR}s; parts:$PARTS"
 
 # ---- 0. setup: optuna and friends where missing ----------------------------------------------
-header 0/5 "setup" "$B_SETUP"
+header 0/6 "setup" "$B_SETUP"
 if "$PY" -c "import optuna" 2>/dev/null; then
     say "optuna imports: nothing installed"
     SETUP_NOTE="nothing installed (optuna already there)"
+elif ! want tests && ! want engine && ! want resume && ! want launch; then
+    say "optuna does not import; only parts that need none are asked for: nothing installed"
+    SETUP_NOTE="nothing installed (no part asked for needs optuna)"
 else
     MISSING=()
     for pair in optuna:optuna optuna_dashboard:optuna-dashboard typer:typer rich:rich; do
@@ -159,7 +185,7 @@ say "setup: $SETUP_NOTE"
 addsum "setup: $SETUP_NOTE"
 
 # ---- 1. environment ----------------------------------------------------------------------------
-header 1/5 "environment" "$B_ENV"
+header 1/6 "environment" "$B_ENV"
 if command -v nvidia-smi >/dev/null 2>&1; then
     run_part nvidia-smi 5 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     if [ "$PART_RC" -ne 0 ]; then failed "nvidia-smi" 5; fi
@@ -202,162 +228,225 @@ if [ -z "$DEV" ] && [ "$HAVE_CUDA" = 1 ]; then DEV=cuda; fi
 NO_DEV_WHY="no CUDA device (torch.cuda.is_available() is not True); GPU_CHECK_DEVICE=cpu runs it on the CPU"
 
 # ---- 2. the gpu-marked tests -----------------------------------------------------------------
-header 2/5 "pytest -m gpu" "$B_TESTS"
-run_part tests "$B_TESTS" "$PY" -m pytest -q -m gpu -p no:cacheprovider
-TESTS_LINE=$(grep -E '(passed|failed|skipped|deselected|error|no tests ran)' "$WORK/tests.log" | tail -1 \
-             | sed 's/=//g; s/^ *//; s/ *$//' || true)
-if [ "$PART_RC" -ne 0 ]; then
-    failed "gpu tests: ${TESTS_LINE:-no result line}" "$B_TESTS"
+if want tests; then
+    header 2/6 "pytest -m gpu" "$B_TESTS"
+    run_part tests "$B_TESTS" "$PY" -m pytest -q -m gpu -p no:cacheprovider
+    TESTS_LINE=$(grep -E '(passed|failed|skipped|deselected|error|no tests ran)' "$WORK/tests.log" | tail -1 \
+                 | sed 's/=//g; s/^ *//; s/ *$//' || true)
+    if [ "$PART_RC" -ne 0 ]; then
+        failed "gpu tests: ${TESTS_LINE:-no result line}" "$B_TESTS"
+    else
+        note=""
+        if [ "$HAVE_CUDA" != 1 ]; then note=" (no CUDA here: they skip)"; fi
+        addsum "gpu tests (pytest -m gpu): $TESTS_LINE$note"
+    fi
 else
-    note=""
-    if [ "$HAVE_CUDA" != 1 ]; then note=" (no CUDA here: they skip)"; fi
-    addsum "gpu tests (pytest -m gpu): $TESTS_LINE$note"
+    not_asked tests
 fi
 
 # ---- 3. bench_engine on the GPU ----------------------------------------------------------------
-header 3/5 "bench_engine.py --device ${DEV:-cuda} --epochs 1" "$B_ENGINE"
-MNIST=""
-for d in "${MNIST_DIR:-}" shared/datasets/mnist ../shared/datasets/mnist; do
-    if [ -n "$d" ] && [ -f "$d/MNIST/raw/train-images-idx3-ubyte.gz" ]; then MNIST=$d; break; fi
-done
-if [ -z "$DEV" ]; then
-    say "skipped: $NO_DEV_WHY"
-    addsum "bench_engine: skipped, $NO_DEV_WHY"
-elif [ -z "$MNIST" ]; then
-    say "skipped: no MNIST (MNIST/raw/*.gz) in \$MNIST_DIR, shared/datasets/mnist or ../shared/datasets/mnist"
-    addsum "bench_engine: skipped, no MNIST found (copy ../shared/datasets/mnist into shared/datasets/)"
-else
-    run_part engine "$B_ENGINE" "$PY" scripts/bench_engine.py --device "$DEV" --epochs 1 --data-dir "$MNIST"
-    if [ "$PART_RC" -ne 0 ]; then
-        failed "bench_engine ($DEV)" "$B_ENGINE"
+if want engine; then
+    header 3/6 "bench_engine.py --device ${DEV:-cuda} --epochs 1" "$B_ENGINE"
+    MNIST=""
+    for d in "${MNIST_DIR:-}" shared/datasets/mnist ../shared/datasets/mnist; do
+        if [ -n "$d" ] && [ -f "$d/MNIST/raw/train-images-idx3-ubyte.gz" ]; then MNIST=$d; break; fi
+    done
+    if [ -z "$DEV" ]; then
+        say "skipped: $NO_DEV_WHY"
+        addsum "bench_engine: skipped, $NO_DEV_WHY"
+    elif [ -z "$MNIST" ]; then
+        say "skipped: no MNIST (MNIST/raw/*.gz) in \$MNIST_DIR, shared/datasets/mnist or ../shared/datasets/mnist"
+        addsum "bench_engine: skipped, no MNIST found (copy ../shared/datasets/mnist into shared/datasets/)"
     else
-        # the first (b) line is precision auto (bf16 on a GPU), the second, if any, fp32
-        RATIOS=$(grep -o 'speed ratio (b)/(a): [0-9.]*x' "$WORK/engine.log" | sed 's/.*: //; s/x$//' | tr '\n' ' ')
-        PRECS=$(grep -o '(b) fit, [a-z0-9]* -> [a-z0-9]*' "$WORK/engine.log" | sed 's/(b) fit, //' | tr '\n' ',')
-        RATE_A=$(grep -o '^(a) .*samples/s' "$WORK/engine.log" | grep -o '[0-9]* samples/s' || true)
-        read -r R1 R2 _ <<<"$RATIOS x x x"
-        P2=$(echo "$PRECS" | cut -d, -f2)
-        VERDICT=$(awk -v r="$R1" 'BEGIN { print (r + 0 >= 15) ? "met" : "NOT met" }')
-        line="bench_engine ($DEV, MNIST, 1 epoch, batch 32): fit ${PRECS%%,*} ${R1}x the seed-style loop"
-        if [ "$R2" != x ]; then line="$line, $P2 ${R2}x"; fi
-        line="$line (seed loop ${RATE_A:-?}); target >= 15x: $VERDICT"
-        say "$line"
-        addsum "$line"
+        run_part engine "$B_ENGINE" "$PY" scripts/bench_engine.py --device "$DEV" --epochs 1 --data-dir "$MNIST"
+        if [ "$PART_RC" -ne 0 ]; then
+            failed "bench_engine ($DEV)" "$B_ENGINE"
+        else
+            # the first (b) line is precision auto (bf16 on a GPU), the second, if any, fp32
+            RATIOS=$(grep -o 'speed ratio (b)/(a): [0-9.]*x' "$WORK/engine.log" | sed 's/.*: //; s/x$//' | tr '\n' ' ')
+            PRECS=$(grep -o '(b) fit, [a-z0-9]* -> [a-z0-9]*' "$WORK/engine.log" | sed 's/(b) fit, //' | tr '\n' ',')
+            RATE_A=$(grep -o '^(a) .*samples/s' "$WORK/engine.log" | grep -o '[0-9]* samples/s' || true)
+            read -r R1 R2 _ <<<"$RATIOS x x x"
+            P2=$(echo "$PRECS" | cut -d, -f2)
+            VERDICT=$(awk -v r="$R1" 'BEGIN { print (r + 0 >= 15) ? "met" : "NOT met" }')
+            line="bench_engine ($DEV, MNIST, 1 epoch, batch 32): fit ${PRECS%%,*} ${R1}x the seed-style loop"
+            if [ "$R2" != x ]; then line="$line, $P2 ${R2}x"; fi
+            line="$line (seed loop ${RATE_A:-?}); target >= 15x: $VERDICT"
+            say "$line"
+            addsum "$line"
+        fi
     fi
+else
+    not_asked engine
 fi
 
 # ---- 4. bench_resume on the GPU ----------------------------------------------------------------
-header 4/5 "bench_resume.py --quick --device ${DEV:-cuda}" "$B_RESUME"
-if [ -z "$DEV" ]; then
-    say "skipped: $NO_DEV_WHY"
-    addsum "bench_resume: skipped, $NO_DEV_WHY"
-else
-    run_part resume "$B_RESUME" "$PY" scripts/bench_resume.py --quick --device "$DEV"
-    if [ "$PART_RC" -ne 0 ]; then
-        failed "bench_resume ($DEV)" "$B_RESUME"
+if want resume; then
+    header 4/6 "bench_resume.py --quick --device ${DEV:-cuda}" "$B_RESUME"
+    if [ -z "$DEV" ]; then
+        say "skipped: $NO_DEV_WHY"
+        addsum "bench_resume: skipped, $NO_DEV_WHY"
     else
-        addsum "bench_resume --quick ($DEV): $(grep '^resume:' "$WORK/resume.log" | tail -1 | sed 's/^resume: //')"
+        run_part resume "$B_RESUME" "$PY" scripts/bench_resume.py --quick --device "$DEV"
+        if [ "$PART_RC" -ne 0 ]; then
+            failed "bench_resume ($DEV)" "$B_RESUME"
+        else
+            addsum "bench_resume --quick ($DEV): $(grep '^resume:' "$WORK/resume.log" | tail -1 | sed 's/^resume: //')"
+        fi
     fi
+else
+    not_asked resume
 fi
 
 # ---- 5. launch: 3 workers vs 1 -----------------------------------------------------------------
-if [ "$DEV" = cuda ] || [ "${DEV#cuda:}" != "$DEV" ]; then
-    GPU_ID=0
-    if [ "${DEV#cuda:}" != "$DEV" ]; then GPU_ID=${DEV#cuda:}; fi
-    WHERE="GPU $GPU_ID"
+if want launch; then
+    if [ "$DEV" = cuda ] || [ "${DEV#cuda:}" != "$DEV" ]; then
+        GPU_ID=0
+        if [ "${DEV#cuda:}" != "$DEV" ]; then GPU_ID=${DEV#cuda:}; fi
+        WHERE="GPU $GPU_ID"
+    else
+        WHERE="CPU, $(nproc) cores"
+    fi
+    if [ -z "${LAUNCH_WINDOW:-}" ]; then
+        LAUNCH_WINDOW=$(((LIMIT - (SECONDS - START) - 2 * (B_CREATE + B_STOP + B_COUNT)) / 2))
+        if [ "$LAUNCH_WINDOW" -gt 60 ]; then LAUNCH_WINDOW=60; fi
+        if [ "$LAUNCH_WINDOW" -lt 30 ]; then LAUNCH_WINDOW=30; fi
+    fi
+    B_LAUNCH_EACH=$((B_CREATE + LAUNCH_WINDOW + B_STOP + B_COUNT))
+    header 5/6 "cnnsearch launch digits_quick, 1 vs 3 workers on $WHERE, ${LAUNCH_WINDOW}s window each" \
+        "$((2 * B_LAUNCH_EACH))"
+    if [ "$WHERE" = "${WHERE#GPU}" ]; then
+        say "no CUDA: the CPU analogue (--cpus 1 vs --cpus 3), to exercise the steps; not a GPU figure"
+    fi
+
+    COUNT_PY='
+    import sys, optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name="digits_quick", storage=sys.argv[1])
+    S = optuna.trial.TrialState
+    trials = study.get_trials(deepcopy=False)
+    done = [t for t in trials if t.state in (S.COMPLETE, S.PRUNED)]
+    if not done:
+        print("COUNT", 0, 0, 0, 0, "-", "-")
+        sys.exit()
+    # steady state: from the first trial start to the last finish (workers start up before that)
+    span = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in trials if t.datetime_start)).total_seconds()
+    devices = ",".join(sorted({str(t.user_attrs.get("device")) for t in done}))
+    precisions = ",".join(sorted({str(t.user_attrs.get("precision")) for t in done}))
+    print("COUNT", len(done), sum(t.state == S.PRUNED for t in done), f"{span:.1f}", f"{len(done) * 3600 / max(span, 1e-9):.0f}",
+          devices, precisions)
+    '
+    is_worker() { { tr '\0' ' ' <"/proc/$1/cmdline"; } 2>/dev/null | grep -q 'search.cli worker digits_quick'; }
+    declare -A RATE
+    for n in 1 3; do
+        if [ "$WHERE" = "${WHERE#GPU}" ]; then SLOTS=(--cpus "$n"); LABEL="--cpus $n"; else
+            SLOTS=(--gpus "$GPU_ID" --per-gpu "$n"); LABEL="--per-gpu $n"; fi
+        URL="sqlite:///$WORK/launch$n.db"
+        say "-- $LABEL: create (budget ${B_CREATE}s), launch for ${LAUNCH_WINDOW}s, then SIGTERM (forwarded to the workers)"
+        run_part create$n "$B_CREATE" "$PY" -m search.cli create studies/digits_quick.toml --storage "$URL" \
+            --set study.n_trials=100000 --set study.timeout=86400
+        if [ "$PART_RC" -ne 0 ]; then failed "launch $LABEL: create" "$B_CREATE"; continue; fi
+        T_LAUNCH=$SECONDS
+        # Not under `timeout`: that signals the process group as well as launch, and a background job
+        # of a script starts with SIGINT ignored. One SIGTERM to launch, which forwards it to its workers.
+        "$PY" -m search.cli launch digits_quick --storage "$URL" "${SLOTS[@]}" --log-dir "$WORK/logs$n" \
+            >"$WORK/launch$n.log" 2>&1 &
+        LPID=$!
+        while [ $((SECONDS - T_LAUNCH)) -lt "$LAUNCH_WINDOW" ] && kill -0 "$LPID" 2>/dev/null; do sleep 1; done
+        STOPPED_BY_US=0
+        if kill -0 "$LPID" 2>/dev/null; then kill -TERM "$LPID" 2>/dev/null || true; STOPPED_BY_US=1; fi
+        T_STOP=$SECONDS
+        while kill -0 "$LPID" 2>/dev/null && [ $((SECONDS - T_STOP)) -lt "$B_STOP" ]; do sleep 1; done
+        if kill -0 "$LPID" 2>/dev/null; then say "launch did not stop in ${B_STOP}s: SIGKILL"; kill -KILL "$LPID" 2>/dev/null || true; fi
+        set +e
+        wait "$LPID"
+        PART_RC=$?
+        set -e
+        cat "$WORK/launch$n.log"
+        # launch exits 1 when its workers were stopped by the signal: expected here
+        if [ "$STOPPED_BY_US" = 1 ] && [ "$PART_RC" -ne 137 ]; then LAUNCH_RC=0; else LAUNCH_RC=$PART_RC; fi
+        LPID=""
+        # workers run in their own sessions: one that outlived launch (SIGKILLed) is stopped by its pid,
+        # once /proc says that pid is still that worker
+        for pid in $(grep -o '(pid [0-9]*' "$WORK/launch$n.log" | grep -o '[0-9]*'); do
+            if is_worker "$pid"; then
+                say "worker pid $pid outlived launch: SIGTERM, then SIGKILL"
+                kill -TERM "$pid" 2>/dev/null || true
+                sleep 3
+                if is_worker "$pid"; then kill -KILL "$pid" 2>/dev/null || true; fi
+            fi
+        done
+        if [ "$LAUNCH_RC" -ne 0 ]; then
+            failed "launch $LABEL" "$LAUNCH_WINDOW"
+            tail -n 5 "$WORK"/logs$n/*.log 2>/dev/null || true
+            continue
+        fi
+        run_part count$n "$B_COUNT" "$PY" -c "$COUNT_PY" "$URL"
+        if [ "$PART_RC" -ne 0 ]; then failed "launch $LABEL: counting trials" "$B_COUNT"; continue; fi
+        read -r _ DONE PRUNED SPAN R DEVS PRECS <<<"$(grep '^COUNT ' "$WORK/count$n.log" | tail -1)"
+        RATE[$n]=$R
+        line="launch $LABEL on $WHERE (digits_quick, ${LAUNCH_WINDOW}s window): $DONE trials ($PRUNED pruned) in ${SPAN}s of trials -> $R trials/h (device $DEVS, $PRECS)"
+        say "$line (wall $((SECONDS - T_LAUNCH))s)"
+        addsum "$line"
+    done
+    if [ -n "${RATE[1]:-}" ] && [ -n "${RATE[3]:-}" ] && [ "${RATE[1]}" != 0 ]; then
+        addsum "launch 3 vs 1 workers on $WHERE: $(awk -v a="${RATE[3]}" -v b="${RATE[1]}" 'BEGIN { printf "%.2f", a / b }')x the trials per hour"
+    else
+        addsum "launch 3 vs 1 workers on $WHERE: no ratio (a run above failed or finished no trial in its window)"
+    fi
 else
-    WHERE="CPU, $(nproc) cores"
-fi
-if [ -z "${LAUNCH_WINDOW:-}" ]; then
-    LAUNCH_WINDOW=$(((LIMIT - (SECONDS - START) - 2 * (B_CREATE + B_STOP + B_COUNT)) / 2))
-    if [ "$LAUNCH_WINDOW" -gt 60 ]; then LAUNCH_WINDOW=60; fi
-    if [ "$LAUNCH_WINDOW" -lt 30 ]; then LAUNCH_WINDOW=30; fi
-fi
-B_LAUNCH_EACH=$((B_CREATE + LAUNCH_WINDOW + B_STOP + B_COUNT))
-header 5/5 "cnnsearch launch digits_quick, 1 vs 3 workers on $WHERE, ${LAUNCH_WINDOW}s window each" \
-    "$((2 * B_LAUNCH_EACH))"
-if [ "$WHERE" = "${WHERE#GPU}" ]; then
-    say "no CUDA: the CPU analogue (--cpus 1 vs --cpus 3), to exercise the steps; not a GPU figure"
+    not_asked launch
 fi
 
-COUNT_PY='
-import sys, optuna
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-study = optuna.load_study(study_name="digits_quick", storage=sys.argv[1])
-S = optuna.trial.TrialState
-trials = study.get_trials(deepcopy=False)
-done = [t for t in trials if t.state in (S.COMPLETE, S.PRUNED)]
-if not done:
-    print("COUNT", 0, 0, 0, 0, "-", "-")
-    sys.exit()
-# steady state: from the first trial start to the last finish (workers start up before that)
-span = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in trials if t.datetime_start)).total_seconds()
-devices = ",".join(sorted({str(t.user_attrs.get("device")) for t in done}))
-precisions = ",".join(sorted({str(t.user_attrs.get("precision")) for t in done}))
-print("COUNT", len(done), sum(t.state == S.PRUNED for t in done), f"{span:.1f}", f"{len(done) * 3600 / max(span, 1e-9):.0f}",
-      devices, precisions)
-'
-is_worker() { { tr '\0' ' ' <"/proc/$1/cmdline"; } 2>/dev/null | grep -q 'search.cli worker digits_quick'; }
-declare -A RATE
-for n in 1 3; do
-    if [ "$WHERE" = "${WHERE#GPU}" ]; then SLOTS=(--cpus "$n"); LABEL="--cpus $n"; else
-        SLOTS=(--gpus "$GPU_ID" --per-gpu "$n"); LABEL="--per-gpu $n"; fi
-    URL="sqlite:///$WORK/launch$n.db"
-    say "-- $LABEL: create (budget ${B_CREATE}s), launch for ${LAUNCH_WINDOW}s, then SIGTERM (forwarded to the workers)"
-    run_part create$n "$B_CREATE" "$PY" -m search.cli create studies/digits_quick.toml --storage "$URL" \
-        --set study.n_trials=100000 --set study.timeout=86400
-    if [ "$PART_RC" -ne 0 ]; then failed "launch $LABEL: create" "$B_CREATE"; continue; fi
-    T_LAUNCH=$SECONDS
-    # Not under `timeout`: that signals the process group as well as launch, and a background job
-    # of a script starts with SIGINT ignored. One SIGTERM to launch, which forwards it to its workers.
-    "$PY" -m search.cli launch digits_quick --storage "$URL" "${SLOTS[@]}" --log-dir "$WORK/logs$n" \
-        >"$WORK/launch$n.log" 2>&1 &
-    LPID=$!
-    while [ $((SECONDS - T_LAUNCH)) -lt "$LAUNCH_WINDOW" ] && kill -0 "$LPID" 2>/dev/null; do sleep 1; done
-    STOPPED_BY_US=0
-    if kill -0 "$LPID" 2>/dev/null; then kill -TERM "$LPID" 2>/dev/null || true; STOPPED_BY_US=1; fi
-    T_STOP=$SECONDS
-    while kill -0 "$LPID" 2>/dev/null && [ $((SECONDS - T_STOP)) -lt "$B_STOP" ]; do sleep 1; done
-    if kill -0 "$LPID" 2>/dev/null; then say "launch did not stop in ${B_STOP}s: SIGKILL"; kill -KILL "$LPID" 2>/dev/null || true; fi
-    set +e
-    wait "$LPID"
-    PART_RC=$?
-    set -e
-    cat "$WORK/launch$n.log"
-    # launch exits 1 when its workers were stopped by the signal: expected here
-    if [ "$STOPPED_BY_US" = 1 ] && [ "$PART_RC" -ne 137 ]; then LAUNCH_RC=0; else LAUNCH_RC=$PART_RC; fi
-    LPID=""
-    # workers run in their own sessions: one that outlived launch (SIGKILLed) is stopped by its pid,
-    # once /proc says that pid is still that worker
-    for pid in $(grep -o '(pid [0-9]*' "$WORK/launch$n.log" | grep -o '[0-9]*'); do
-        if is_worker "$pid"; then
-            say "worker pid $pid outlived launch: SIGTERM, then SIGKILL"
-            kill -TERM "$pid" 2>/dev/null || true
-            sleep 3
-            if is_worker "$pid"; then kill -KILL "$pid" 2>/dev/null || true; fi
-        fi
+# ---- 6. the CIFAR final training ---------------------------------------------------------------
+header 6/6 "CIFAR final training, scripts/gpu_check_cifar.toml, ${CIFAR_EPOCHS:-30} epochs on ${DEV:-cuda}" "$B_CIFAR"
+if want cifar; then
+    CIFAR_ROOT=""
+    for d in "${CIFAR_DIR:-}" shared/datasets ../shared/datasets; do
+        if [ -n "$d" ] && [ -f "$d/cifar10-jpeg/cifar10-jpeg.zip" ]; then CIFAR_ROOT=$d; break; fi
     done
-    if [ "$LAUNCH_RC" -ne 0 ]; then
-        failed "launch $LABEL" "$LAUNCH_WINDOW"
-        tail -n 5 "$WORK"/logs$n/*.log 2>/dev/null || true
-        continue
+    if [ -z "$DEV" ]; then
+        say "skipped: $NO_DEV_WHY"
+        addsum "cifar final training: skipped, $NO_DEV_WHY"
+    elif [ -z "$CIFAR_ROOT" ]; then
+        say "skipped: no cifar10-jpeg/cifar10-jpeg.zip in \$CIFAR_DIR, shared/datasets or ../shared/datasets"
+        addsum "cifar final training: skipped, no CIFAR-10 (JPEG q75 copy) found (a call of its own, see the header)"
+    else
+        EPOCHS=${CIFAR_EPOCHS:-30}
+        SUBSET=()
+        if [ -n "${CIFAR_SUBSET:-}" ]; then SUBSET=(--set "subset=$CIFAR_SUBSET"); fi
+        T_CIFAR=$SECONDS
+        run_part cifar "$B_CIFAR" "$PY" -m search.cli train scripts/gpu_check_cifar.toml --device "$DEV" \
+            --epochs "$EPOCHS" --data-dir "$CIFAR_ROOT" --seeds 1 --checkpoint-every 0 -o "$WORK/cifar" "${SUBSET[@]}"
+        WALL=$((SECONDS - T_CIFAR))
+        if [ "$PART_RC" -ne 0 ]; then
+            failed "cifar final training ($DEV, $EPOCHS epochs)" "$B_CIFAR"
+        else
+            # epoch lines end "  12.3s (3652 img/s)": the median epoch (the first one includes warm-up)
+            grep -E '^epoch +[0-9]+/' "$WORK/cifar.log" | sed -E 's/.* ([0-9.]+)s \([0-9]+ img\/s\)$/\1/' \
+                >"$WORK/cifar_epoch_s.txt" || true
+            DONE=$(wc -l <"$WORK/cifar_epoch_s.txt")
+            FIRST=$(head -1 "$WORK/cifar_epoch_s.txt")
+            MED=$(sort -n "$WORK/cifar_epoch_s.txt" | awk '{ t[NR] = $1 } END {
+                if (NR) printf "%.1f", NR % 2 ? t[(NR + 1) / 2] : (t[NR / 2] + t[NR / 2 + 1]) / 2 }')
+            TEST=$(grep -o '^test acc [0-9.]*%' "$WORK/cifar.log" | tail -1 | sed 's/^test acc //')
+            TRAINED=$(grep -o '^data: [0-9,]* training images' "$WORK/cifar.log" | grep -o '[0-9,]*' | head -1)
+            PROJ=$(awk -v m="$MED" 'BEGIN { printf "%.0f", 100 * m }')
+            VERDICT=$(awk -v t="${TEST%\%}" -v e="$EPOCHS" \
+                'BEGIN { print (t + 0 >= 93) ? "met" : "not met at " e " epochs" }')
+            line="cifar final training ($DEV, CIFAR-10 (JPEG q75 copy), six-conv width 2, $DONE epochs on ${TRAINED:-?} images):"
+            line="$line test ${TEST:-?}, wall ${WALL}s (data, model and test included), ${MED}s an epoch (median;"
+            line="$line first ${FIRST}s) -> 100 epochs ~${PROJ}s; >= 93%: $VERDICT"
+            say "$line"
+            addsum "$line"
+        fi
     fi
-    run_part count$n "$B_COUNT" "$PY" -c "$COUNT_PY" "$URL"
-    if [ "$PART_RC" -ne 0 ]; then failed "launch $LABEL: counting trials" "$B_COUNT"; continue; fi
-    read -r _ DONE PRUNED SPAN R DEVS PRECS <<<"$(grep '^COUNT ' "$WORK/count$n.log" | tail -1)"
-    RATE[$n]=$R
-    line="launch $LABEL on $WHERE (digits_quick, ${LAUNCH_WINDOW}s window): $DONE trials ($PRUNED pruned) in ${SPAN}s of trials -> $R trials/h (device $DEVS, $PRECS)"
-    say "$line (wall $((SECONDS - T_LAUNCH))s)"
-    addsum "$line"
-done
-if [ -n "${RATE[1]:-}" ] && [ -n "${RATE[3]:-}" ] && [ "${RATE[1]}" != 0 ]; then
-    addsum "launch 3 vs 1 workers on $WHERE: $(awk -v a="${RATE[3]}" -v b="${RATE[1]}" 'BEGIN { printf "%.2f", a / b }')x the trials per hour"
 else
-    addsum "launch 3 vs 1 workers on $WHERE: no ratio (a run above failed or finished no trial in its window)"
+    not_asked cifar
 fi
 
 # ---- summary -------------------------------------------------------------------------------------
-addsum "wall time: $((SECONDS - START))s (budgets: ${B_FIXED}s + launch $((2 * ${B_LAUNCH_EACH:-0}))s)"
+addsum "wall time: $((SECONDS - START))s (budgets: ${B_FIXED}s + launch $((2 * ${B_LAUNCH_EACH:-0}))s + cifar ${B_CIFAR}s)"
 say
 say "==== summary (one figure a line, for docs/results.md) ===="
 cat "$SUMMARY"
