@@ -114,12 +114,16 @@ def main() -> None:
                         help="the final budget; also Hyperband's max_resource (9: rungs at 1, 3, 9)")
     parser.add_argument("--finalists", type=int, default=2, help="finalists of the present protocol")
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2, help="sampler seeds 0..R-1, each running both protocols")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds, each running both protocols")
+    parser.add_argument("--first-round", type=int, default=0, help="the first round's sampler seed: rounds use "
+                        "seeds F..F+R-1, so a later run adds rounds to an earlier one's (default 0)")
     add_run_args(parser)
     args = parser.parse_args()
     quiet_setup(args.threads)
     rows: list[dict[str, dict]] = []
-    for seed in range(args.rounds):
+    if args.rounds < 1 or args.first_round < 0:
+        parser.error("--rounds must be >= 1 and --first-round >= 0")
+    for seed in range(args.first_round, args.first_round + args.rounds):
         specs = protocol_specs(args, seed)
         order = list(specs) if seed % 2 == 0 else list(reversed(specs))  # A B, then B A
         row = {}
