@@ -101,6 +101,13 @@ trap finish EXIT
 say() { printf '%s\n' "$*"; }
 addsum() { printf '%s\n' "$*" >>"$SUMMARY"; }
 header() { say; say "==== [$1] $2 (budget ${3}s, starting at $((SECONDS - START))s) ===="; }
+first_dir_with() {  # first_dir_with FILE DIR...: the first DIR that holds FILE (nothing if none does)
+    local file=$1 d
+    shift
+    for d in "$@"; do
+        if [ -n "$d" ] && [ -f "$d/$file" ]; then echo "$d"; return; fi
+    done
+}
 not_asked() { say "skipped: $1 is not in GPU_CHECK_PARTS ($PARTS)"; }
 
 PART_RC=0
@@ -247,10 +254,8 @@ fi
 # ---- 3. bench_engine on the GPU ----------------------------------------------------------------
 if want engine; then
     header 3/6 "bench_engine.py --device ${DEV:-cuda} --epochs 1" "$B_ENGINE"
-    MNIST=""
-    for d in "${MNIST_DIR:-}" shared/datasets/mnist ../shared/datasets/mnist; do
-        if [ -n "$d" ] && [ -f "$d/MNIST/raw/train-images-idx3-ubyte.gz" ]; then MNIST=$d; break; fi
-    done
+    MNIST=$(first_dir_with MNIST/raw/train-images-idx3-ubyte.gz "${MNIST_DIR:-}" shared/datasets/mnist \
+            ../shared/datasets/mnist)
     if [ -z "$DEV" ]; then
         say "skipped: $NO_DEV_WHY"
         addsum "bench_engine: skipped, $NO_DEV_WHY"
@@ -399,12 +404,10 @@ else
 fi
 
 # ---- 6. the CIFAR final training ---------------------------------------------------------------
-header 6/6 "CIFAR final training, scripts/gpu_check_cifar.toml, ${CIFAR_EPOCHS:-30} epochs on ${DEV:-cuda}" "$B_CIFAR"
 if want cifar; then
-    CIFAR_ROOT=""
-    for d in "${CIFAR_DIR:-}" shared/datasets ../shared/datasets; do
-        if [ -n "$d" ] && [ -f "$d/cifar10-jpeg/cifar10-jpeg.zip" ]; then CIFAR_ROOT=$d; break; fi
-    done
+    header 6/6 "CIFAR final training, scripts/gpu_check_cifar.toml, ${CIFAR_EPOCHS:-30} epochs on ${DEV:-cuda}" \
+        "$B_CIFAR"
+    CIFAR_ROOT=$(first_dir_with cifar10-jpeg/cifar10-jpeg.zip "${CIFAR_DIR:-}" shared/datasets ../shared/datasets)
     if [ -z "$DEV" ]; then
         say "skipped: $NO_DEV_WHY"
         addsum "cifar final training: skipped, $NO_DEV_WHY"
