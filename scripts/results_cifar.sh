@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# CIFAR-10 (JPEG q75 copy) with nobody in the loop on this CPU: a shipped CIFAR study
+# (studies/cifar10_$FAMILY.toml, FAMILY threeconv by default, or sixconv) pointed at the JPEG
+# copy of all 60,000 CIFAR-10 images (read as an image folder: the same study file the real
+# dataset's users run), created at a CPU budget and run to its own final stage by
+# `cnnsearch launch --cpus WORKERS`; then `export --model` writes the final model and `status`
+# prints the figures. Label them "CIFAR-10 (JPEG q75 copy)": it is not the official test set.
+#   scripts/results_cifar.sh [DATA_DIR] [OUT_DIR]      DATA_DIR holds cifar10-jpeg/cifar10-jpeg.zip
+# The budget, each part overridable from the environment (the shipped one, 40-60 trials up to
+# 30-40 epochs and 100-epoch finalists, needs a GPU):
+#   search: N_TRIALS (16) trials, the study's hand-tuned start first, then 6 random, then TPE;
+#     SUBSET (15000) training images, Hyperband from 2 to SEARCH_EPOCHS (12) epochs (rungs at 2
+#     and 6), scored on the full 5,000-image validation split;
+#   final stage: the FINALISTS (2) best trials and the start, FINAL_EPOCHS (30) epochs on all
+#     45,000 training images (schedules stretched), the best on validation (mean of the last 3
+#     epochs) over SEEDS (2) seeds, the test split read once per seed.
+# WORKERS (2) worker processes share the cores (1 torch thread each on 2 cores); RUN names the
+# study (default: auto).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+data=${1:-../shared/datasets}
+out=${2:-runs/results-cifar}
+family=${FAMILY:-threeconv}
+mkdir -p "$out"
+cnnsearch=".venv/bin/cnnsearch"
+name="cifar10_jpeg_${family}_${RUN:-auto}"
+storage="sqlite:///$out/$name.db"
+$cnnsearch create "studies/cifar10_$family.toml" --storage "$storage" \
+    --set "study.name=$name" --set "study.n_trials=${N_TRIALS:-16}" --set sampler.kwargs.n_startup_trials=7 \
+    --set data.dataset=folder --set "data.data_dir=$data" \
+    --set 'data.data_options={"path": "cifar10-jpeg/cifar10-jpeg.zip", "image_size": 32, "channels": 3}' \
+    --set "data.subset=${SUBSET:-15000}" --set "fixed.epochs=${SEARCH_EPOCHS:-12}" \
+    --set pruner.kwargs.min_resource=2 --set "pruner.kwargs.max_resource=${SEARCH_EPOCHS:-12}" \
+    --set "final.finalists=${FINALISTS:-2}" --set "final.epochs=${FINAL_EPOCHS:-30}" \
+    --set "final.seeds=${SEEDS:-2}" --set final.average_last=3
+/usr/bin/time -f "search + final stage wall %e s" $cnnsearch launch "$name" --storage "$storage" \
+    --cpus "${WORKERS:-2}" --log-dir "$out/logs-$name"
+$cnnsearch export "$name" --storage "$storage" -o "$out/$name.json" --model "$out/$name-final.pt"
+$cnnsearch status "$name" --storage "$storage"
