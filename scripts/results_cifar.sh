@@ -10,7 +10,8 @@
 # 30-40 epochs and 100-epoch finalists, needs a GPU):
 #   search: N_TRIALS (16) trials, the study's hand-tuned start first, then 6 random, then TPE;
 #     SUBSET (15000) training images, Hyperband from 2 to SEARCH_EPOCHS (12) epochs (rungs at 2
-#     and 6), scored on the full 5,000-image validation split;
+#     and 6), scored on the full 5,000-image validation split; width multipliers WIDTHS
+#     ([0.5, 1.0, 1.5]: the shipped 2.0 makes a 30-epoch final run about 45 minutes here);
 #   final stage: the FINALISTS (2) best trials and the start, FINAL_EPOCHS (30) epochs on all
 #     45,000 training images (schedules stretched), the best on validation (mean of the last 3
 #     epochs) over SEEDS (2) seeds, the test split read once per seed.
@@ -29,6 +30,7 @@ $cnnsearch create "studies/cifar10_$family.toml" --storage "$storage" \
     --set "study.name=$name" --set "study.n_trials=${N_TRIALS:-16}" --set sampler.kwargs.n_startup_trials=7 \
     --set data.dataset=folder --set "data.data_dir=$data" \
     --set 'data.data_options={"path": "cifar10-jpeg/cifar10-jpeg.zip", "image_size": 32, "channels": 3}' \
+    --set "space.width.choices=${WIDTHS:-[0.5, 1.0, 1.5]}" \
     --set "data.subset=${SUBSET:-15000}" --set "fixed.epochs=${SEARCH_EPOCHS:-12}" \
     --set pruner.kwargs.min_resource=2 --set "pruner.kwargs.max_resource=${SEARCH_EPOCHS:-12}" \
     --set "final.finalists=${FINALISTS:-2}" --set "final.epochs=${FINAL_EPOCHS:-30}" \
