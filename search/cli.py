@@ -464,7 +464,7 @@ def create(
         start = " and the start" + (" if no larger" if f.picks else "") if f.baseline and spec.enqueue else ""
         picks = (f"for pick {f.pick}" if len(f.picks) == 1 else f"for each of {len(f.picks)} picks "
                  f"({', '.join(f.picks)})") + ": " if f.picks else ""
-        out.print(f"  then the final stage: {picks}{f.finalists} finalists{start} for {epochs} epochs"
+        out.print(f"  then the final stage: {picks}{f.finalists} finalist{'' if f.finalists == 1 else 's'}{start} for {epochs} epochs"
                   f"{' on all training images' if f.full_data else ''}, the best over {f.seeds} seeds", markup=False)
 
 

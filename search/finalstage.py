@@ -67,6 +67,11 @@ if TYPE_CHECKING:  # the read side (results, status, report) loads no torch; tra
 WAIT_FOR_CREATOR = 60.0  # seconds a worker waits for the child's creator to finish enqueueing
 
 
+def _count(n: int, noun: str) -> str:
+    """'1 finalist', '2 finalists': a count with its noun in the right number."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def child_name(name: str) -> str:
     return f"{name}{SUFFIX}"
 
@@ -204,7 +209,7 @@ def _finalists(parent: optuna.Study, spec) -> tuple[list[dict], list[str]]:
         if len(top) < final.finalists and (picked or rule is None):
             what = "Pareto trials no larger than the pick" if picked else "completed search trials"
             notes.append((f"final.pick {rule}: " if several else "") + f"{final.finalists} finalists asked for, "
-                         f"{len(top)} {what}: {len(top)} finalist{'s' if len(top) != 1 else ''}")
+                         f"{len(top)} {what}: {_count(len(top), 'finalist')}")
         members = [{"params": dict(t.params), "rank": k, "source_trial": t.number, "baseline": False}
                    for k, t in enumerate(top[:final.finalists], 1)]
         if final.baseline and spec.enqueue and (picked or rule is None):
@@ -684,13 +689,13 @@ def summary_line(res: dict) -> str:
         plural = "s" if (len(res["seeds"]) if of else tested) != 1 else ""
         head = f"final (pick {res['pick']})" if len(res.get("picks", ())) > 1 else "final"
         return (f"{head}: test acc {res['test_mean']:.2%}{std} over {tested}{of} seed{plural}"
-                f"{state} ({src}, chosen from {len(res['finalists'])} finalists on validation)")
+                f"{state} ({src}, chosen from {_count(len(res['finalists']), 'finalist')} on validation)")
     finalists = res.get("all_finalists", res["finalists"])  # with several picks, every pick's
     fin_done = sum(f["state"] in ("COMPLETE", "PRUNED", "FAIL") for f in finalists)
     if res["chosen"] is None:
         if res["done"]:
             return "final: no result (see the notes)"
-        return f"final stage: {fin_done}/{len(finalists)} finalists trained"
+        return f"final stage: {fin_done}/{_count(len(finalists), 'finalist')} trained"
     return f"final stage: chosen trial {res['chosen']['source_trial']}; {n_seeds}/{len(res['seeds'])} seed runs done"
 
 

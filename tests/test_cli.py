@@ -104,6 +104,17 @@ def test_create_warns_in_one_line_when_the_data_is_not_here(tmp_path, monkeypatc
     assert "study 'm' created" in result.stdout
 
 
+def test_create_says_what_the_final_stage_will_do_in_words_that_agree(tmp_path):
+    from pathlib import Path
+
+    study = Path(__file__).resolve().parents[1] / "studies" / "digits_quick.toml"
+    for n, words in ((1, "1 finalist and the start"), (2, "2 finalists and the start")):
+        result = run("create", str(study), "--storage", f"sqlite:///{tmp_path / f'{n}.db'}",
+                     "--set", f"final.finalists={n}")
+        assert result.exit_code == 0, result.output
+        assert f"then the final stage: {words} for" in result.stdout, result.stdout
+
+
 def test_a_bug_is_a_traceback_with_a_hint_not_a_user_error(tmp_path, monkeypatch):
     """Only the project's own errors are shown as bad input; a KeyError or ValueError from
     inside the code is a bug, and hiding its traceback would hide where it is."""

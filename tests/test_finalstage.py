@@ -483,3 +483,6 @@ def test_the_summary_line_says_where_the_stage_is():
                                             "(trial 4, 15,706 params, chosen from 2 finalists on validation)")
     res |= {"chosen": {**finalists[0], "source_trial": None}}
     assert "(the start, 15,706 params, chosen from" in finalstage.summary_line(res)
+    assert finalstage.summary_line(res | {"finalists": finalists[:1]}).endswith("chosen from 1 finalist on validation)")
+    assert finalstage.summary_line({"finalists": finalists[1:], "seeds": [], "chosen": None, "done": False,
+                                    "test_mean": None}) == "final stage: 0/1 finalist trained"
