@@ -15,9 +15,9 @@
 #   6. the CIFAR final training: `cnnsearch train scripts/gpu_check_cifar.toml` (the six-conv
 #      configuration the CIFAR study chose on the CPU, width 2, 2.2 M params) for CIFAR_EPOCHS
 #      (default 30) on all 45,000 training images of the CIFAR-10 (JPEG q75 copy), tested once:
-#      data load, seconds an epoch, wall, test accuracy (the bar on a GPU: >= 93% for the
-#      six-conv family), and what 100 epochs (the shipped [final] budget) would take. Budget
-#      B_CIFAR (default 300 s), outside the 8 minutes of parts 1-5.
+#      seconds an epoch, wall (data load and test included), test accuracy (the bar on a
+#      GPU: >= 93% for the six-conv family), and what 100 epochs (the shipped [final] budget)
+#      would take. Budget B_CIFAR (default 300 s), outside the 8 minutes of parts 1-5.
 #
 # GPU_CHECK_PARTS picks parts (default "tests engine resume launch cifar"; the environment always
 # runs). The CIFAR zip (59.3 MiB) cannot travel in the same call as MNIST and the wheels (a call
