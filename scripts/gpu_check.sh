@@ -324,23 +324,24 @@ if want launch; then
         say "no CUDA: the CPU analogue (--cpus 1 vs --cpus 3), to exercise the steps; not a GPU figure"
     fi
 
+    # flush left: python -c refuses an indented first line
     COUNT_PY='
-    import sys, optuna
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name="digits_quick", storage=sys.argv[1])
-    S = optuna.trial.TrialState
-    trials = study.get_trials(deepcopy=False)
-    done = [t for t in trials if t.state in (S.COMPLETE, S.PRUNED)]
-    if not done:
-        print("COUNT", 0, 0, 0, 0, "-", "-")
-        sys.exit()
-    # steady state: from the first trial start to the last finish (workers start up before that)
-    span = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in trials if t.datetime_start)).total_seconds()
-    devices = ",".join(sorted({str(t.user_attrs.get("device")) for t in done}))
-    precisions = ",".join(sorted({str(t.user_attrs.get("precision")) for t in done}))
-    print("COUNT", len(done), sum(t.state == S.PRUNED for t in done), f"{span:.1f}", f"{len(done) * 3600 / max(span, 1e-9):.0f}",
-          devices, precisions)
-    '
+import sys, optuna
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+study = optuna.load_study(study_name="digits_quick", storage=sys.argv[1])
+S = optuna.trial.TrialState
+trials = study.get_trials(deepcopy=False)
+done = [t for t in trials if t.state in (S.COMPLETE, S.PRUNED)]
+if not done:
+    print("COUNT", 0, 0, 0, 0, "-", "-")
+    sys.exit()
+# steady state: from the first trial start to the last finish (workers start up before that)
+span = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in trials if t.datetime_start)).total_seconds()
+devices = ",".join(sorted({str(t.user_attrs.get("device")) for t in done}))
+precisions = ",".join(sorted({str(t.user_attrs.get("precision")) for t in done}))
+print("COUNT", len(done), sum(t.state == S.PRUNED for t in done), f"{span:.1f}", f"{len(done) * 3600 / max(span, 1e-9):.0f}",
+      devices, precisions)
+'
     is_worker() { { tr '\0' ' ' <"/proc/$1/cmdline"; } 2>/dev/null | grep -q 'search.cli worker digits_quick'; }
     declare -A RATE
     for n in 1 3; do
