@@ -461,7 +461,9 @@ def create(
     if spec.final is not None:
         f = spec.final
         epochs = f.epochs or spec.fixed.get("epochs", "the trials'")
-        start = " and the start" + (" if no larger" if f.picks else "") if f.baseline and spec.enqueue else ""
+        n_starts = min(f.baseline, len(spec.enqueue))
+        start = (" and the start" if n_starts == 1 else f" and the {n_starts} starts") if n_starts else ""
+        start += " if no larger" if n_starts and f.picks else ""
         picks = (f"for pick {f.pick}" if len(f.picks) == 1 else f"for each of {len(f.picks)} picks "
                  f"({', '.join(f.picks)})") + ": " if f.picks else ""
         out.print(f"  then the final stage: {picks}{f.finalists} finalist{'' if f.finalists == 1 else 's'}{start} for {epochs} epochs"

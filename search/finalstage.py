@@ -7,8 +7,9 @@ clashes with a user's study. It shows in optuna-dashboard as a study of its own,
 learning curves, and the search's sampler never sees its long runs.
 
 1. Finalists. The worker that creates the child study enqueues, once, the `final.finalists`
-   best completed search trials, and the study's first `[[enqueue]]` entry (the hand-tuned start
-   it was given) when `final.baseline` and it is not among them. Each is trained at the final
+   best completed search trials, and the study's first `final.baseline` `[[enqueue]]` entries
+   (the starts it was given: the hand-tuned one, say, and one with augmentation that short
+   trials rank low) that are not among them. Each is trained at the final
    budget (`final_config`: final epochs, the whole training set, StepLR stretched to the new
    length) from the config's seed, without reading the test split. Its value is the validation
    metric averaged over its last `final.average_last` epochs.
@@ -113,19 +114,19 @@ def _is_start(params: dict, start: dict) -> bool:
 
 def keep_for_final(trial: optuna.Trial, spec, params: dict, value: float, store: CheckpointStore | None) -> bool:
     """At a search trial's successful end: whether its last checkpoint stays for the final stage
-    (`continues`), recorded as the user attr KEPT_ATTR. Kept: the start's, and those of the
+    (`continues`), recorded as the user attr KEPT_ATTR. Kept: the starts', and those of the
     `final.finalists` best trials so far; a kept one that this trial pushes out of that rank is
-    removed now, so the store holds at most finalists + 1 of them until the final stage ends."""
+    removed now, so the store holds at most finalists + starts of them until the final stage ends."""
     if store is None or not continues(spec, params):
         return False
     goal, k = spec.learned, spec.final.finalists
-    start = spec.enqueue[0] if spec.final.baseline and spec.enqueue else None
+    starts = spec.enqueue[:spec.final.baseline]
 
     def better(a: float, b: float) -> bool:
         return a > b if goal.maximize else a < b
 
     def the_start(p: dict) -> bool:
-        return start is not None and _is_start(p, start)
+        return any(_is_start(p, start) for start in starts)
 
     done = [t for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
     if sum(better(t.value, value) for t in done) >= k and not the_start(params):
@@ -174,10 +175,11 @@ def _candidates(trials: list[optuna.trial.FrozenTrial], spec, rule: str | None) 
 
 
 def _start_job(trials: list[optuna.trial.FrozenTrial], spec, top: list[optuna.trial.FrozenTrial],
-               picked: optuna.trial.FrozenTrial | None) -> tuple[dict | None, str | None]:
-    """The study's start ([[enqueue]] 1) as a finalist of one pick (or of the only choice), and a
-    note: (job or None, note or None)."""
-    start = spec.enqueue[0]
+               picked: optuna.trial.FrozenTrial | None, index: int = 0) -> tuple[dict | None, str | None]:
+    """The study's start [[enqueue]] `index + 1` as a finalist of one pick (or of the only
+    choice), and a note: (job or None, note or None)."""
+    start = spec.enqueue[index]
+    which = f"the study's start ([[enqueue]] {index + 1}"
     # The start's own search trial (an [[enqueue]] entry may leave parameters to the sampler):
     # a completed one if any; its params, all of them, are what the finalist trains.
     same = [t for t in trials if _is_start(t.params, start)]
@@ -186,10 +188,10 @@ def _start_job(trials: list[optuna.trial.FrozenTrial], spec, top: list[optuna.tr
     params = dict(own.params) if own is not None else dict(start)
     if picked is not None and not (done and objectives.no_larger(done[0], picked, spec.objectives)):
         why = "larger than the pick" if done else "no feasible completed search trial to size it by"
-        return None, f"the study's start ([[enqueue]] 1) is not a finalist: {why}"
+        return None, f"{which}) is not a finalist: {why}"
     source = own.number if own is not None else None
     rank = next((k for k, t in enumerate(top, 1) if t.number == source), None)
-    note = (f"the study's start ([[enqueue]] 1, trial {source}) added as a finalist"
+    note = (f"{which}, trial {source}) added as a finalist"
             + (f" (search rank {rank})" if rank else " (it did not complete in the search)"))
     return {"params": params, "rank": rank, "source_trial": source, "baseline": True}, note
 
@@ -212,8 +214,8 @@ def _finalists(parent: optuna.Study, spec) -> tuple[list[dict], list[str]]:
                          f"{len(top)} {what}: {_count(len(top), 'finalist')}")
         members = [{"params": dict(t.params), "rank": k, "source_trial": t.number, "baseline": False}
                    for k, t in enumerate(top[:final.finalists], 1)]
-        if final.baseline and spec.enqueue and (picked or rule is None):
-            start, note = _start_job(trials, spec, top, picked)
+        for index in range(min(final.baseline, len(spec.enqueue)) if picked or rule is None else 0):
+            start, note = _start_job(trials, spec, top, picked, index)
             same = None if start is None else next((m for m in members if m["params"] == start["params"]), None)
             if same is not None:
                 same["baseline"] = True

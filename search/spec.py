@@ -59,8 +59,8 @@ class ClassSpec:
 class FinalSpec:
     """The study's final stage (`[final]`): what the workers do once the search budget is spent.
 
-    The `finalists` best completed trials (and the study's first `[[enqueue]]` entry, the start
-    it was given, when `baseline`) are each trained at the final budget without reading the test
+    The `finalists` best completed trials (and the study's first `baseline` `[[enqueue]]`
+    entries, the starts it was given) are each trained at the final budget without reading the test
     split; the one with the best validation metric, averaged over its last `average_last`
     epochs, is then trained over `seeds` seeds, the test split read once per seed
     (search/finalstage.py).
@@ -72,7 +72,10 @@ class FinalSpec:
     stretch_schedule: bool = True  # StepLR's step_size scaled to the new epochs (cosine, onecycle follow epochs anyway)
     seeds: int = 3
     average_last: int = 1  # the choice: validation metric averaged over this many last epochs
-    baseline: bool = True  # the first [[enqueue]] entry is always a finalist (with `pick`: if no larger)
+    # How many of the first [[enqueue]] entries (the starts the study was given) are always
+    # finalists (with `pick`: if no larger): true is 1, false 0. Short trials rank a start that
+    # pays only late (augmentation, a long schedule) low; as a finalist it is judged at the final budget.
+    baseline: int = 1
     # Several objectives: the Pareto trial the stage starts from (objectives.pick: "knee" or
     # "max_params=300000"); the finalists are it and the best front trials no larger than it.
     # A list in the study file (pick = ["max_params=20000", "knee"]) trains each pick's own
@@ -426,6 +429,19 @@ def _bool_key(table: Mapping[str, Any], section: str, key: str, default: bool) -
     return value
 
 
+def _starts_key(table: Mapping[str, Any], enqueue: tuple[dict, ...]) -> int:
+    """`final.baseline`: true (1) or false (0), or how many of the first [[enqueue]] entries."""
+    value = table.get("baseline", True)
+    if isinstance(value, bool):
+        return int(value)
+    if not isinstance(value, int) or value < 0:
+        raise _Invalid(f"final.baseline: expected true, false or a number of [[enqueue]] entries, got {value!r}")
+    if value > max(1, len(enqueue)):  # 1, like true, is "the start, if the study has one"
+        raise _Invalid(f"final.baseline: {value} starts asked for, the study has "
+                       f"{len(enqueue)} [[enqueue]] {'entry' if len(enqueue) == 1 else 'entries'}")
+    return value
+
+
 def _parse_pick(rule: Any, objectives_: tuple[Objective, ...]) -> tuple[str, ...]:
     """`final.pick`: one rule or a list of them; ("knee",) by default in a multi-objective study,
     () in a single-objective one (where a pick is refused)."""
@@ -467,7 +483,7 @@ def _parse_final(doc: Mapping[str, Any], enqueue: tuple[dict, ...], head: Mappin
                       stretch_schedule=_bool_key(table, "final", "stretch_schedule", d.stretch_schedule),
                       seeds=_int_key(table, "final", "seeds", d.seeds),
                       average_last=_int_key(table, "final", "average_last", d.average_last),
-                      baseline=_bool_key(table, "final", "baseline", d.baseline),
+                      baseline=_starts_key(table, enqueue),
                       pick=picks[0] if picks else None, more_picks=picks[1:])
     epochs = final.epochs
     if epochs is not None and final.average_last > epochs:

@@ -137,6 +137,28 @@ def test_more_finalists_than_completed_trials_uses_what_exists(tmp_path):
     assert res["done"] and len(res["seeds"]) == 1
 
 
+def test_baseline_2_makes_both_starts_finalists_and_true_is_one(tmp_path):
+    # the second start: what short trials rank low (here a tiny learning rate) is judged at the final budget
+    second = '[[enqueue]]\nlr = 3.1e-3\noptimizer = "sgd"\nmomentum = 0.0\n'
+    url, spec = _study(tmp_path, final="\n[final]\nfinalists = 1\nepochs = 3\nseeds = 1\nbaseline = 2\n",
+                       extra=second, n_trials=4)
+    assert spec.final.baseline == 2
+    create = runner.invoke(app, ["create", str(tmp_path / "fin.toml"), "--storage", url])
+    assert create.exit_code == 0 and "1 finalist and the 2 starts" in create.output, create.output
+    run_worker("fin", url, device="cpu", worker_index=0)
+    res = _results(url)
+    study = study_mod.load("fin", url)[0]
+    best = max((t for t in study.get_trials() if t.state == TrialState.COMPLETE), key=lambda t: (t.value, -t.number))
+    sources = [f["source_trial"] for f in res["finalists"]]
+    assert sources == [best.number] + [n for n in (0, 1) if n != best.number]
+    assert all(f["baseline"] for f in res["finalists"] if f["source_trial"] in (0, 1))
+    if best.number != 1:
+        assert any("([[enqueue]] 2, trial 1) added as a finalist" in n for n in res["notes"]), res["notes"]
+    assert res["done"] and len(res["seeds"]) == 1
+    (tmp_path / "t").mkdir()
+    assert spec_mod.load_spec(tiny_study(tmp_path / "t", enqueue=BASELINE + "[final]\nbaseline = true\n")).final.baseline == 1
+
+
 def test_final_config_stretches_steplr_and_uses_all_images(tmp_path):
     url, spec = _study(tmp_path, final="\n[final]\nepochs = 12\n")
     cfg = finalstage.final_config(spec, {"lr": 1e-3, "optimizer": "adam"})
@@ -160,6 +182,10 @@ def test_final_config_stretches_steplr_and_uses_all_images(tmp_path):
     ("top_k = 3", "final.top_k: unknown key (valid: finalists,"),
     ("epochs = 2\naverage_last = 3", "final.average_last: 3 epochs, more than the final budget of 2"),
     ("epochs = 1.5", "final.epochs: expected an integer >= 1"),
+    ("baseline = 2", "final.baseline: 2 starts asked for, the study has 0 [[enqueue]] entries"),
+    ("baseline = -1", "final.baseline: expected true, false or a number of [[enqueue]] entries, got -1"),
+    ("baseline = \"all\"", "final.baseline: expected true, false or a number of [[enqueue]] entries, got 'all'"),
+    ("baseline = 1.0", "final.baseline: expected true, false or a number"),
 ])
 def test_a_bad_final_section_is_one_line_at_load(tmp_path, section, fragment):
     path = tiny_study(tmp_path, enqueue=f"[final]\n{section}\n")
