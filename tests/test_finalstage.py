@@ -138,7 +138,7 @@ def test_more_finalists_than_completed_trials_uses_what_exists(tmp_path):
 
 
 def test_baseline_2_makes_both_starts_finalists_and_true_is_one(tmp_path):
-    # the second start: what short trials rank low (here a tiny learning rate) is judged at the final budget
+    # a second start (plain SGD here) is a finalist whatever its search rank, and judged at the final budget
     second = '[[enqueue]]\nlr = 3.1e-3\noptimizer = "sgd"\nmomentum = 0.0\n'
     url, spec = _study(tmp_path, final="\n[final]\nfinalists = 1\nepochs = 3\nseeds = 1\nbaseline = 2\n",
                        extra=second, n_trials=4)
