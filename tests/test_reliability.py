@@ -100,7 +100,9 @@ def logs(paths) -> str:
 
 @pytest.mark.postgres
 def test_killed_workers_trial_is_failed_and_retried_by_a_survivor(tmp_path, pg_url):
-    study_mod.create(spec_mod.load_spec(tiny_study(tmp_path, n_trials=6, epochs=6, pruner=NOP, enqueue=GOOD)), pg_url)
+    # 30 epochs: a 6-epoch trial (under a second on a quiet machine) could finish between being
+    # seen running and the SIGKILL, and end COMPLETE (seen once in CI)
+    study_mod.create(spec_mod.load_spec(tiny_study(tmp_path, n_trials=6, epochs=30, pruner=NOP, enqueue=GOOD)), pg_url)
     paths = [tmp_path / f"w{k}.log" for k in range(3)]
     procs = [start_worker("tiny", pg_url, "--seed-offset", str(k), *FAST_HEARTBEAT, log=paths[k]) for k in range(3)]
     try:
