@@ -461,7 +461,7 @@ def create(
     if spec.final is not None:
         f = spec.final
         epochs = f.epochs or spec.fixed.get("epochs", "the trials'")
-        n_starts = min(f.baseline, len(spec.enqueue))
+        n_starts = len(spec.starts)
         start = (" and the start" if n_starts == 1 else f" and the {n_starts} starts") if n_starts else ""
         start += " if no larger" if n_starts and f.picks else ""
         picks = (f"for pick {f.pick}" if len(f.picks) == 1 else f"for each of {len(f.picks)} picks "

@@ -120,7 +120,7 @@ def keep_for_final(trial: optuna.Trial, spec, params: dict, value: float, store:
     if store is None or not continues(spec, params):
         return False
     goal, k = spec.learned, spec.final.finalists
-    starts = spec.enqueue[:spec.final.baseline]
+    starts = spec.starts
 
     def better(a: float, b: float) -> bool:
         return a > b if goal.maximize else a < b
@@ -214,7 +214,7 @@ def _finalists(parent: optuna.Study, spec) -> tuple[list[dict], list[str]]:
                          f"{len(top)} {what}: {_count(len(top), 'finalist')}")
         members = [{"params": dict(t.params), "rank": k, "source_trial": t.number, "baseline": False}
                    for k, t in enumerate(top[:final.finalists], 1)]
-        for index in range(min(final.baseline, len(spec.enqueue)) if picked or rule is None else 0):
+        for index in range(len(spec.starts) if picked or rule is None else 0):
             start, note = _start_job(trials, spec, top, picked, index)
             same = None if start is None else next((m for m in members if m["params"] == start["params"]), None)
             if same is not None:

@@ -139,6 +139,12 @@ class StudySpec:
         return len(self.objectives) > 1
 
     @property
+    def starts(self) -> tuple[dict, ...]:
+        """The [[enqueue]] entries that are always finalists: the first `final.baseline` of them
+        (true: the first, if any); () without a [final] section."""
+        return self.enqueue[:self.final.baseline] if self.final is not None else ()
+
+    @property
     def limits(self) -> tuple[tuple[str, float], ...]:
         """The per-trial constraints, (static metric, limit) in a fixed order: what a trial over
         one is not trained for (`costs.violations`); max_params caps the whole study at create."""
