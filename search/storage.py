@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -197,6 +198,9 @@ class TrialCache(_CachedStorage):
         self._started: dict[int, optuna.trial.FrozenTrial] = {}  # trial id -> as inserted, until first read
         self.last_started: int | None = None  # the trial this process last set RUNNING (see started_trial)
         self._watched: dict[int, tuple[str, str | None]] = {}  # study id -> (name, uid): see watch()
+        self._writing = threading.local()  # .study: the watched study this thread is writing to
+        if self.engine.dialect.name == "sqlite":
+            sqlalchemy.event.listen(self.engine, "commit", self._recheck_before_commit)
 
     @property
     def engine(self) -> sqlalchemy.Engine:
@@ -208,6 +212,13 @@ class TrialCache(_CachedStorage):
     # so a write by id could land in the new study. A worker therefore watches its study: before
     # every write to one of its trials (and before a new trial) the study is checked to be still
     # there under its name with the uid it had (UID_ATTR), else StudyGone. One small query.
+    # A replace can still land between that check and the write (seen once in CI: the old
+    # worker's `checkpoint` attr in the new study's trial), and SQLite's foreign keys cannot see
+    # it when the ids are reused. So on SQLite the check runs again inside the write's own
+    # transaction, after its INSERTs and UPDATEs, as it commits (the engine's `commit` event,
+    # which sees Optuna's ORM sessions and the plain connections alike): the write then holds
+    # SQLite's one write lock, no replace can commit before it does, and a failed check rolls
+    # the write back.
 
     def watch(self, study_id: int, name: str, uid: str | None) -> None:
         self._watched[study_id] = (name, uid)
@@ -224,34 +235,55 @@ class TrialCache(_CachedStorage):
             if gone is not None:
                 raise StudyGone(gone)
 
-    def _check_trial(self, trial_id: int) -> None:
+    def _check_trial(self, trial_id: int) -> int | None:
+        """check_study for the trial's study; returns that study's id when it is watched."""
         if self._watched:
             where = self._trial_id_to_study_id_and_number.get(trial_id)
-            if where is not None:
+            if where is not None and where[0] in self._watched:
                 self.check_study(where[0])
+                return where[0]
+        return None
+
+    def _write(self, study_id: int | None, write, *args):
+        """Run Optuna's `write(*args)` as a write to watched study `study_id` (None: not watched)."""
+        self._writing.study = study_id
+        try:
+            return write(*args)
+        finally:
+            self._writing.study = None
+
+    def _recheck_before_commit(self, conn: sqlalchemy.Connection) -> None:
+        """SQLite, as a write commits: the watched study this thread writes to is still itself,
+        asked on the write's own DBAPI connection, inside its transaction, after all its
+        statements; else the write is rolled back and StudyGone raised."""
+        study_id = getattr(self._writing, "study", None)
+        watched = self._watched.get(study_id) if study_id is not None else None
+        if watched is not None:
+            dbapi = conn.connection.dbapi_connection
+            gone = _gone_sqlite(dbapi, study_id, *watched)
+            if gone is not None:
+                dbapi.rollback()
+                raise StudyGone(gone)
 
     def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float, distribution) -> None:
-        self._check_trial(trial_id)
-        super().set_trial_param(trial_id, param_name, param_value_internal, distribution)
+        self._write(self._check_trial(trial_id), super().set_trial_param, trial_id, param_name,
+                    param_value_internal, distribution)
 
     def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
-        self._check_trial(trial_id)
-        super().set_trial_intermediate_value(trial_id, step, intermediate_value)
+        self._write(self._check_trial(trial_id), super().set_trial_intermediate_value, trial_id, step,
+                    intermediate_value)
 
     def set_trial_user_attr(self, trial_id: int, key: str, value) -> None:
-        self._check_trial(trial_id)
-        super().set_trial_user_attr(trial_id, key, value)
+        self._write(self._check_trial(trial_id), super().set_trial_user_attr, trial_id, key, value)
 
     def set_trial_system_attr(self, trial_id: int, key: str, value) -> None:
-        self._check_trial(trial_id)
-        super().set_trial_system_attr(trial_id, key, value)
+        self._write(self._check_trial(trial_id), super().set_trial_system_attr, trial_id, key, value)
 
     def record_heartbeat(self, trial_id: int) -> None:
         """The heartbeat thread's beat; once the trial's study is gone, nothing (the thread must
         not die with a traceback: the worker stops at its next write, with one line)."""
         try:
-            self._check_trial(trial_id)
-            super().record_heartbeat(trial_id)
+            self._write(self._check_trial(trial_id), super().record_heartbeat, trial_id)
         except StudyGone:
             return
         except Exception as exc:
@@ -298,7 +330,8 @@ class TrialCache(_CachedStorage):
 
     def create_new_trial(self, study_id: int, template_trial=None) -> int:
         self.check_study(study_id)
-        trial_id = super().create_new_trial(study_id, template_trial)
+        trial_id = self._write(study_id if study_id in self._watched else None, super().create_new_trial,
+                               study_id, template_trial)
         with self._lock:
             _, number = self._trial_id_to_study_id_and_number[trial_id]
             trial = self._studies[study_id].trials[number]
@@ -313,9 +346,9 @@ class TrialCache(_CachedStorage):
         return copy.deepcopy(started) if started is not None else super().get_trial(trial_id)
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
-        self._check_trial(trial_id)
+        watched = self._check_trial(trial_id)
         self._started.pop(trial_id, None)
-        updated = super().set_trial_state_values(trial_id, state, values)
+        updated = self._write(watched, super().set_trial_state_values, trial_id, state, values)
         if updated and state == TrialState.RUNNING:
             self.last_started = trial_id  # a WAITING trial claimed by `ask`
         self._read_at.clear()
@@ -340,11 +373,31 @@ def study_gone(engine: sqlalchemy.Engine, study_id: int, name: str, uid: str | N
     """None while study `study_id` is still the study `name` with `uid`; else one line saying
     what became of it."""
     with engine.connect() as conn:
-        if _identity(conn, study_id) == (name, uid):
-            return None
-        studies = rdb_models.StudyModel.__table__
-        again = conn.execute(sqlalchemy.select(studies.c.study_id).where(studies.c.study_name == name)).first()
-    return f"study {name!r} was deleted" + (" and created again" if again is not None else "")
+        return _gone(conn, study_id, name, uid)
+
+
+def _gone(conn, study_id: int, name: str, uid: str | None) -> str | None:
+    if _identity(conn, study_id) == (name, uid):
+        return None
+    studies = rdb_models.StudyModel.__table__
+    again = conn.execute(sqlalchemy.select(studies.c.study_id).where(studies.c.study_name == name)).first()
+    return _gone_line(name, again is not None)
+
+
+def _gone_line(name: str, again: bool) -> str:
+    return f"study {name!r} was deleted" + (" and created again" if again else "")
+
+
+def _gone_sqlite(dbapi, study_id: int, name: str, uid: str | None) -> str | None:
+    """study_gone on a sqlite3 connection, inside its open transaction (plain SQL: it runs while
+    SQLAlchemy commits that connection)."""
+    row = dbapi.execute(
+        "SELECT s.study_name, a.value_json FROM studies s LEFT JOIN study_user_attributes a"
+        " ON a.study_id = s.study_id AND a.key = ? WHERE s.study_id = ?", (UID_ATTR, study_id)).fetchone()
+    if row is not None and (row[0], None if row[1] is None else json.loads(row[1])) == (name, uid):
+        return None
+    again = dbapi.execute("SELECT 1 FROM studies WHERE study_name = ?", (name,)).fetchone()
+    return _gone_line(name, again is not None)
 
 
 def watch_study(study: optuna.Study) -> int | None:

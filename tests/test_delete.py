@@ -164,6 +164,52 @@ def test_a_write_that_lands_just_after_the_delete_leaves_nothing_on_sqlite(tmp_p
         trial.report(0.5, 0)
 
 
+WRITES_TO_A_TRIAL = {**WRITES,  # and the writes that end a trial or report an epoch
+                     "report": lambda storage, trial: trial.report(0.5, 0),
+                     "state": lambda storage, trial: storage.set_trial_state_values(trial_id(trial), TrialState.FAIL)}
+
+
+@pytest.mark.parametrize("kind", list(WRITES_TO_A_TRIAL))
+def test_a_write_that_lands_just_after_a_replace_leaves_the_new_study_untouched_on_sqlite(tmp_path, kind):
+    """The race CI once found: `create --replace --force` lands between the watch's check and the
+    write, and the new study has the old one's study id and its first trial the old trial's id,
+    so foreign keys cannot refuse the write. Here the replace is made to land exactly there: the
+    write must stop with StudyGone and leave the new study's trial as it was."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study_mod.create(spec_mod.load_spec(long_study(tmp_path)), url)
+    (tmp_path / "new").mkdir()
+    replacement = spec_mod.load_spec(long_study(tmp_path / "new", n_trials=5))
+    storage = open_storage(url)
+    worker_view = optuna.load_study(study_name="tiny", storage=storage)
+    watch_study(worker_view)
+    trial = worker_view.ask()
+    with sqlalchemy.create_engine(url).begin() as conn:  # its first beat, so that the next is an INSERT
+        conn.execute(sqlalchemy.text("DELETE FROM trial_heartbeats"))
+    replaced = []
+
+    def replace_first(conn, cursor, statement, *args):  # the watch's check and Optuna's read have passed
+        if not replaced and statement.lstrip().upper().startswith(("INSERT", "UPDATE")):
+            replaced.append(study_mod.create(replacement, url, replace=True, force=True))
+            new = optuna.load_study(study_name="tiny", storage=open_storage(url, heartbeat_interval=None))
+            replaced.append(trial_id(new.ask()))
+            replaced.extend(trials(url))  # the new study's trial as it was started
+
+    sqlalchemy.event.listen(storage.engine, "before_cursor_execute", replace_first)
+    try:
+        if kind == "heartbeat":  # the beat thread must not die of it: the worker's next write stops it
+            WRITES_TO_A_TRIAL[kind](storage, trial)
+        else:
+            with pytest.raises(StudyGone, match="study 'tiny' was deleted and created again"):
+                WRITES_TO_A_TRIAL[kind](storage, trial)
+    finally:
+        sqlalchemy.event.remove(storage.engine, "before_cursor_execute", replace_first)
+    assert replaced, "the write made no INSERT or UPDATE: this test lost its point"
+    assert replaced[1] == trial_id(trial), "SQLite no longer reuses the trial id: this test lost its point"
+    assert trials(url) == replaced[2:] and replaced[2].state == TrialState.RUNNING
+    with sqlalchemy.create_engine(url).connect() as conn:  # the new study's worker beats no heart here
+        assert conn.execute(sqlalchemy.text("SELECT COUNT(*) FROM trial_heartbeats")).scalar_one() == 0
+    assert study_mod.load("tiny", url)[1].n_trials == 5
+
 def test_deleted_is_said_only_when_the_study_is_gone(tmp_path):
     """A delete that does not take (here a trigger ignores it; for real, a worker's insert rolled
     it back) is tried again and then reported as one line, never as "deleted"."""
