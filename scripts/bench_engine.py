@@ -4,7 +4,8 @@
     shuffle=True), a plain PyTorch loop;
 (b) `fit`: the same network, optimizer (Adam 1e-3), batch size, epochs and training images,
     with the dataset held on the device as uint8;
-(c) with --compile: `fit` with `compile = true` (torch.compile, inductor).
+(c) with --compile: `fit` with `compile = true` (torch.compile, inductor);
+(e) on a GPU: `fit` with `cuda_graph = false`, each step's kernels launched one by one.
 MNIST (the default): all 60,000 training images, --epochs times each, scored on the 10,000 test
 images; with 2 epochs or more the ratio after the first epoch is printed too (the first carries
 one-off costs: a GPU's first kernels, cuDNN's algorithm choices, compilation).
@@ -243,18 +244,23 @@ def main() -> None:
     rates_a, acc_a = seed_loop(cfg, Path(args.data_dir) / "MNIST" / "raw", device)
     rate_a = overall(rates_a)
     print(f"{'(a) DataLoader + PIL + ToTensor/Normalize:':42s} {rate_a:8.0f} samples/s   test acc {acc_a:.2%}")
-    # (b) as the search runs it (precision auto), and in fp32 when auto picked bf16, so the share
-    # of the speed-up that comes from bf16 is visible.
+    # (b) as the search runs it (precision auto; CUDA graphs on a GPU), and in fp32 when auto
+    # picked bf16, so the share of the speed-up that comes from bf16 is visible; (e) on a GPU,
+    # the same steps launched eager (cuda_graph = false), so the graphs' share is visible too.
     runs = [cfg] + ([cfg.replace(precision="fp32")] if engine.uses_bf16("auto", device) else [])
+    runs += [cfg.replace(cuda_graph=False)] if engine.graph_blocker(cfg, device) is None else []
     runs += [cfg.replace(compile=True)] if args.compile else []
     for run_cfg in runs:
         result = engine.fit(run_cfg, dataset=ds, evaluate_test=True)
         rates_b = [len(ds.train_y) / h["train_seconds"] for h in result.history]
         rate_b = overall(rates_b)
-        which = "(c) fit compiled (compile time included)," if run_cfg.compile else "(b) fit,"
-        label = f"{which} {run_cfg.precision} -> {result.precision}, channels_last:"
+        letter = "c" if run_cfg.compile else "b" if run_cfg.cuda_graph else "e"
+        which = {"c": "(c) fit compiled (compile time included),", "b": "(b) fit,",
+                 "e": "(e) fit eager (cuda_graph = false),"}[letter]
+        steps = "CUDA graphs" if result.cuda_graph else "eager steps"
+        label = f"{which} {run_cfg.precision} -> {result.precision}, channels_last, {steps}:"
         print(f"{label:42s} {rate_b:8.0f} samples/s   test acc {result.test_acc:.2%}")
-        pair = "(c)/(a)" if run_cfg.compile else "(b)/(a)"
+        pair = f"({letter})/(a)"
         print(f"    speed ratio {pair}: {rate_b / rate_a:.2f}x   accuracy difference {pair.replace('/', '-')}: "
               f"{(result.test_acc - acc_a) * 100:+.2f} points")
         if cfg.epochs >= 2:

@@ -212,7 +212,7 @@ def train(
         if run["final_val_acc"] is not None:
             out.print(f"{who}last-epoch val acc {run['final_val_acc']:.2%}")
         tested = f"test acc {run['test_acc']:.2%}  test loss {run['test_loss']:.4f}  " if not no_test else ""
-        out.print(f"{who}{tested}params {run['n_params']:,}  device {run['device']} ({run['precision']})")
+        out.print(f"{who}{tested}params {run['n_params']:,}  device {run['device']} ({run['precision']}{', CUDA graphs' if run.get('cuda_graph') else ''})")
     if result.test_std is not None:
         out.print(f"test acc {result.test_mean:.2%} ± {100 * result.test_std:.2f} points (mean ± std over "
                   f"{seeds} seeds)")

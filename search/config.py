@@ -60,6 +60,11 @@ class RunConfig:
     precision: str = "auto"  # auto | fp32 | bf16
     # torch.compile (inductor) for training and evaluation forward/backward: pays on long runs, compiles up front
     compile: bool = False
+    # On CUDA, each full training batch's step (gather, augmentation, forward, backward, optimizer)
+    # replays as one captured CUDA graph: a few microseconds of CPU a step instead of hundreds of
+    # kernel launches. Where a run's settings cannot be captured (rmsprop, one-cycle, compile) it
+    # trains eager; on the CPU it does nothing.
+    cuda_graph: bool = True
     warmup_epochs: int = 2  # validation accuracy still at chance after this many epochs -> diverged
 
     def replace(self, **changes: Any) -> "RunConfig":

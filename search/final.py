@@ -166,7 +166,7 @@ def train_final(cfg: config.RunConfig, out_dir: str | Path, *, seeds: int = 1, f
 
         result = engine.fit(seed_cfg, hook, dataset=ds_dev, evaluate_test=test, full_train=full_train, state=state)
         runs.append({"seed": seed, "stop_reason": result.stop_reason, "n_params": result.n_params,
-                     "device": result.device, "precision": result.precision, "best_val_acc": result.best_val_acc if result.best_epoch >= 0 else None,
+                     "device": result.device, "precision": result.precision, "cuda_graph": result.cuda_graph, "best_val_acc": result.best_val_acc if result.best_epoch >= 0 else None,
                      "best_epoch": result.best_epoch if result.best_epoch >= 0 else None,
                      "final_val_acc": result.history[-1].get("val_acc") if result.history else None,
                      "test_acc": result.test_acc, "test_loss": result.test_loss,

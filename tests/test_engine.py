@@ -374,3 +374,90 @@ def test_without_a_cxx_compiler_a_compiled_run_warns_once_and_trains_eager(monke
         compiled = engine.fit(cfg.replace(compile=True))
     assert sum("eager instead" in str(w.message) for w in caught) == 1 and not compiled_ran(compiled.state)
     assert_same_run(compiled.state, engine.fit(cfg).state)
+
+
+# --- CUDA graphs (cfg.cuda_graph) ---------------------------------------------------------------
+
+def test_graphs_are_used_only_where_the_run_can_be_captured():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert engine.graph_blocker(synth_cfg(), cuda) is None
+    assert engine.graph_blocker(synth_cfg(optimizer="sgd", momentum=0.9, scheduler="step"), cuda) is None
+    assert "CUDA only" in engine.graph_blocker(synth_cfg(), cpu)
+    assert "cuda_graph = false" in engine.graph_blocker(synth_cfg(cuda_graph=False), cuda)
+    assert "compile" in engine.graph_blocker(synth_cfg(compile=True), cuda)
+    assert "rmsprop" in engine.graph_blocker(synth_cfg(optimizer="rmsprop"), cuda)
+    assert "one-cycle" in engine.graph_blocker(synth_cfg(scheduler="onecycle"), cuda)
+    result = engine.fit(synth_cfg(epochs=1))  # on the CPU: eager, and says so
+    assert not result.cuda_graph and result.state.graph_replays == 0
+
+
+def test_a_saved_optimizers_capturable_flag_does_not_follow_it_into_another_process():
+    """A run saved from CUDA graphs (capturable Adam) continues on the CPU, and the other way round."""
+    cfg = synth_cfg(epochs=2)
+    ds = on_cpu(cfg)
+    state = engine.TrainState.start(cfg, ds)
+    next(engine.train_epochs(state, ds))
+    saved = state.state_dict()
+    saved["optimizer"]["param_groups"][0]["capturable"] = True  # as a graph run's checkpoint has it
+    resumed = engine.TrainState.resume(saved, ds)
+    assert resumed.optimizer.param_groups[0]["capturable"] is False
+    assert [m["epoch"] for m in engine.train_epochs(resumed, ds)] == [1]
+
+
+def max_weight_diff(a, b) -> float:
+    return max((x.float() - y.float()).abs().max().item()
+               for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+
+
+GRAPH_RUNS = [dict(optimizer="adam", scheduler="cosine"),  # lr changes every step: the graph must see it
+              dict(optimizer="adamw", weight_decay=0.05, scheduler="step", step_size=1, step_gamma=0.5),
+              dict(optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True, scheduler="cosine")]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("changes", GRAPH_RUNS, ids=lambda c: f"{c['optimizer']}-{c['scheduler']}")
+def test_cuda_graph_steps_train_as_eager_steps_do(changes):
+    """No randomness in the steps (no dropout, no augmentation), fp32: the graph replays the same
+    arithmetic, so the weights agree with eager's up to cuDNN's rounding, far closer than a run
+    whose learning rate differs by 10%, which a graph that missed the scheduler's changes would be."""
+    torch.backends.cudnn.deterministic = True
+    try:
+        cfg = synth_cfg(device="cuda", epochs=3, precision="fp32", **changes)
+        ds = datasets.to_device(datasets.dataset_for(cfg), "cuda")
+        graphed = engine.fit(cfg, dataset=ds)
+        eager = engine.fit(cfg.replace(cuda_graph=False), dataset=ds)
+        other_lr = engine.fit(cfg.replace(cuda_graph=False, lr=cfg.lr * 1.1), dataset=ds)
+    finally:
+        torch.backends.cudnn.deterministic = False
+    steps = len(ds.train_y) // cfg.batch_size
+    assert graphed.cuda_graph and graphed.state.graph_replays == 3 * (steps - engine.GraphedSteps.WARMUP)
+    assert not eager.cuda_graph and eager.state.graph_replays == 0
+    assert [h["lr"] for h in graphed.history] == [h["lr"] for h in eager.history]
+    near, far = max_weight_diff(graphed.state, eager.state), max_weight_diff(other_lr.state, eager.state)
+    assert near < far / 20, (near, far)
+    for g, e in zip(graphed.history, eager.history):
+        assert g["train_loss"] == pytest.approx(e["train_loss"], rel=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_graphed_run_with_dropout_and_augmentation_learns_and_resumes(tmp_path):
+    cfg = synth_cfg(device="cuda", epochs=3, flip=True, crop_padding=1, erasing=0.5, model_params=REGULARISED)
+    ds = datasets.to_device(datasets.dataset_for(cfg), "cuda")
+    torch.backends.cudnn.deterministic = True
+    try:
+        state = engine.TrainState.start(cfg, ds)
+        next(engine.train_epochs(state, ds))
+        torch.save(state.state_dict(), tmp_path / "run.pt")
+        resumed = engine.TrainState.resume(torch.load(tmp_path / "run.pt", weights_only=True), ds)
+        assert [m["epoch"] for m in engine.train_epochs(resumed, ds)] == [1, 2]
+        # two continuations of one checkpoint draw the same dropout and augmentation through their graphs
+        again = engine.TrainState.resume(torch.load(tmp_path / "run.pt", weights_only=True), ds)
+        list(engine.train_epochs(again, ds))
+    finally:
+        torch.backends.cudnn.deterministic = False
+    assert resumed.graph_replays > 0 and resumed.stop_reason == "finished"
+    assert resumed.best_val_acc >= 0.9
+    losses = [h["train_loss"] for h in resumed.history]
+    assert [h["train_loss"] for h in again.history] == pytest.approx(losses, rel=1e-5)
