@@ -53,7 +53,9 @@
 #
 # Knobs: GPU_CHECK_DEVICE=cpu runs parts 3-4 and 6 on the CPU too (a dry run of the script's parsing;
 # cpu:0 takes bench_resume's non-CPU reporting path), with B_ENGINE=400 B_RESUME=400 on a slow CPU
-# (and CIFAR_EPOCHS=1 CIFAR_SUBSET=2000 for part 6; CIFAR_DIR: the folder holding cifar10-jpeg/);
+# (and CIFAR_EPOCHS=1 CIFAR_SUBSET=2000 for part 6; CIFAR_DIR: the folder holding cifar10-jpeg/;
+# CIFAR_SET: space-separated key=value changes to part 6's configuration, e.g. scheduler=cosine,
+# which CUDA graphs can capture where one-cycle cannot, and which the summary line names);
 # LAUNCH_WINDOW: seconds each launch runs (default: what is left of the 470 s, 30 to 60).
 
 set -euo pipefail
@@ -432,6 +434,7 @@ if want cifar; then
         EPOCHS=${CIFAR_EPOCHS:-30}
         SUBSET=()
         if [ -n "${CIFAR_SUBSET:-}" ]; then SUBSET=(--set "subset=$CIFAR_SUBSET"); fi
+        for kv in ${CIFAR_SET:-}; do SUBSET+=(--set "$kv"); done
         T_CIFAR=$SECONDS
         run_part cifar "$B_CIFAR" "$PY" -m search.cli train scripts/gpu_check_cifar.toml --device "$DEV" \
             --epochs "$EPOCHS" --data-dir "$CIFAR_ROOT" --seeds 1 --checkpoint-every 0 -o "$WORK/cifar" "${SUBSET[@]}"
@@ -451,7 +454,10 @@ if want cifar; then
             PROJ=$(awk -v m="$MED" 'BEGIN { printf "%.0f", 100 * m }')
             VERDICT=$(awk -v t="${TEST%\%}" -v e="$EPOCHS" \
                 'BEGIN { print (t + 0 >= 93) ? "met" : "not met at " e " epochs" }')
-            line="cifar final training ($DEV, CIFAR-10 (JPEG q75 copy), six-conv width 2, $DONE epochs on ${TRAINED:-?} images):"
+            line="cifar final training ($DEV, CIFAR-10 (JPEG q75 copy), six-conv width 2, $DONE epochs on ${TRAINED:-?} images"
+            if [ -n "${CIFAR_SET:-}" ]; then line="$line, --set ${CIFAR_SET}"; fi
+            STEPS=$(grep -q 'CUDA graphs)' "$WORK/cifar.log" && echo "CUDA graphs" || echo "eager steps")
+            line="$line, $STEPS):"
             line="$line test ${TEST:-?}, wall ${WALL}s (data, model and test included), ${MED}s an epoch (median;"
             line="$line first ${FIRST}s) -> 100 epochs ~${PROJ}s; >= 93%: $VERDICT"
             say "$line"

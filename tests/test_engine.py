@@ -458,6 +458,8 @@ def test_a_graphed_run_with_dropout_and_augmentation_learns_and_resumes(tmp_path
     finally:
         torch.backends.cudnn.deterministic = False
     assert resumed.graph_replays > 0 and resumed.stop_reason == "finished"
-    assert resumed.best_val_acc >= 0.9
+    # 4 classes: chance is 25%; eager on the CPU reaches 70-80% after these 3 heavily regularised
+    # epochs (seeds 0-2), the H200's graphs 71.7%; a graph that did not train would stay near 25%
+    assert resumed.best_val_acc >= 0.5
     losses = [h["train_loss"] for h in resumed.history]
     assert [h["train_loss"] for h in again.history] == pytest.approx(losses, rel=1e-5)
