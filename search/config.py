@@ -62,8 +62,8 @@ class RunConfig:
     compile: bool = False
     # On CUDA, each full training batch's step (gather, augmentation, forward, backward, optimizer)
     # replays as one captured CUDA graph: a few microseconds of CPU a step instead of hundreds of
-    # kernel launches. Where a run's settings cannot be captured (rmsprop, one-cycle, compile) it
-    # trains eager; on the CPU it does nothing.
+    # kernel launches (with rmsprop or one-cycle, the optimizer's update runs eager after each
+    # replay). With compile = true it trains eager; on the CPU it does nothing.
     cuda_graph: bool = True
     warmup_epochs: int = 2  # validation accuracy still at chance after this many epochs -> diverged
 

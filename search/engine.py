@@ -199,11 +199,17 @@ def graph_blocker(cfg: RunConfig, device: torch.device) -> str | None:
         return "cuda_graph = false"
     if cfg.compile:
         return "compile = true: inductor launches its own kernels"
-    if cfg.optimizer == "rmsprop":
-        return "rmsprop has no fused, capturable update"
-    if cfg.scheduler == "onecycle":
-        return "one-cycle rewrites the optimizer's momentum each step, which a captured update cannot see"
     return None
+
+
+def graph_updates(cfg: RunConfig) -> bool:
+    """Whether the optimizer's update is part of the graph, or runs eager after each replay.
+
+    Inside it takes a fused, capturable update whose only changing input is the learning rate
+    (Adam, AdamW, SGD; none, StepLR or cosine). One-cycle rewrites Adam's beta1 or SGD's
+    momentum each step, values a captured update would keep as they were at capture, and
+    RMSprop has no fused update: their update runs eager, one launch after the graph's."""
+    return cfg.optimizer != "rmsprop" and cfg.scheduler != "onecycle"
 
 
 class GraphedSteps:
@@ -219,16 +225,19 @@ class GraphedSteps:
     same in an uninterrupted and a resumed run. Dropout and augmentation draw from the CUDA
     generator, which advances on each replay, so `TrainState`'s RNG capture and restore hold.
 
-    The learning rate is the one value that changes between steps: the captured update reads it
-    from a device tensor (`lr`), which `replay` refreshes from the optimizer's float whenever a
-    scheduler changed it; the optimizer's own `lr` stays a float for schedulers and checkpoints.
+    With the update in the graph (`graph_updates`), the learning rate is the one value that
+    changes between steps: the captured update reads it from a device tensor (`lr`), which
+    `replay` refreshes from the optimizer's float whenever a scheduler changed it; the
+    optimizer's own `lr` stays a float for schedulers and checkpoints. Without it, the graph
+    ends with the gradients in its own buffers, the parameters' `.grad` from capture on, which
+    the eager update reads and the eager steps zero in place instead of dropping.
     """
 
     WARMUP = 3
 
-    def __init__(self, step: Callable[[torch.Tensor], None], opt: torch.optim.Optimizer,
-                 n: int, bs: int, device: torch.device):
-        self.step, self.opt, self.bs = step, opt, bs
+    def __init__(self, step: Callable[[torch.Tensor, bool], None], opt: torch.optim.Optimizer,
+                 n: int, bs: int, device: torch.device, updates: bool = True):
+        self.step, self.opt, self.bs, self.updates = step, opt, bs, updates
         self.full = n // bs  # steps with a whole batch; a short last one runs eager
         self.perm = torch.zeros(n, dtype=torch.long, device=device)
         self.pos = torch.zeros((), dtype=torch.long, device=device)
@@ -250,34 +259,39 @@ class GraphedSteps:
         with warnings.catch_warnings():  # "capturable=True ... running without graph capture"
             warnings.filterwarnings("ignore", message="This instance was constructed with capturable")
             if self.graph is not None:
-                self.opt.zero_grad(set_to_none=True)
-                self.step(idx)
+                # the graph's own update reads its buffers: drop ours; an eager update reads .grad
+                self.opt.zero_grad(set_to_none=self.updates)
+                self.step(idx, True)
                 return
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 self.opt.zero_grad(set_to_none=True)
-                self.step(idx)
+                self.step(idx, True)
             torch.cuda.current_stream(self.device).wait_stream(side)
 
     def replay(self) -> None:
         group = self.opt.param_groups[0]
-        if group["lr"] != self.lr_value:
+        if self.updates and group["lr"] != self.lr_value:
             self.lr_value = group["lr"]
             self.lr.fill_(self.lr_value)
         if self.graph is None:
             self._capture(group)
         self.graph.replay()
+        if not self.updates:
+            self.opt.step()
 
     def _capture(self, group: dict) -> None:
         # Gradients are None at capture, so the recorded backward writes them afresh on each
-        # replay (rather than adding into the last step's); the eager steps reset them the same way.
+        # replay (rather than adding into the last step's).
         self.opt.zero_grad(set_to_none=True)
-        lr_value, group["lr"] = group["lr"], self.lr  # the recorded update reads the tensor
+        lr_value = group["lr"]
+        if self.updates:
+            group["lr"] = self.lr  # the recorded update reads the tensor
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                self.step(self.perm[self.pos + self.rows])
+                self.step(self.perm[self.pos + self.rows], self.updates)
                 self.pos += self.bs
         finally:
             group["lr"] = lr_value
@@ -333,7 +347,8 @@ class TrainState:
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         n = ds.train_x.shape[0] + (ds.val_x.shape[0] if full_train else 0)
-        opt = make_optimizer(cfg, model.parameters(), capturable=graph_blocker(cfg, device) is None)
+        opt = make_optimizer(cfg, model.parameters(),
+                             capturable=graph_blocker(cfg, device) is None and graph_updates(cfg))
         sched, per_batch = make_scheduler(cfg, opt, _steps(n, cfg.batch_size)[1])
         forward = CompiledOrEager(model) if cfg.compile else model
         return cls(cfg, device, model, opt, sched, forward, per_batch,
@@ -429,8 +444,9 @@ def train_epochs(state: TrainState, ds) -> Iterator[dict]:
     correct = torch.zeros((), device=device, dtype=torch.long)
     graphed = graph_blocker(cfg, device) is None
 
-    def train_step(idx: torch.Tensor) -> None:
-        """One batch: gradients must be None or zero; the same code runs eager and captured."""
+    def train_step(idx: torch.Tensor, update: bool = True) -> None:
+        """One batch (and the optimizer's update unless `update` is False): gradients must be
+        None or zero; the same code runs eager and captured."""
         xb, yb = norm(train_x[idx]), train_y[idx]
         if cfg.crop_padding:
             xb = batch_crop(xb, cfg.crop_padding)
@@ -442,11 +458,12 @@ def train_epochs(state: TrainState, ds) -> Iterator[dict]:
             logits = state.forward(_prepare(xb))
             loss = criterion(logits.float(), yb)
         loss.backward()
-        opt.step()
+        if update:
+            opt.step()
         loss_sum.add_(loss.detach() * idx.numel())
         correct.add_((logits.argmax(1) == yb).sum())
 
-    graph = GraphedSteps(train_step, opt, n, bs, device) if graphed else None
+    graph = GraphedSteps(train_step, opt, n, bs, device, graph_updates(cfg)) if graphed else None
     while state.stop_reason is None:
         epoch = state.epoch
         if epoch >= cfg.epochs:

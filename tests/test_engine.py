@@ -385,8 +385,12 @@ def test_graphs_are_used_only_where_the_run_can_be_captured():
     assert "CUDA only" in engine.graph_blocker(synth_cfg(), cpu)
     assert "cuda_graph = false" in engine.graph_blocker(synth_cfg(cuda_graph=False), cuda)
     assert "compile" in engine.graph_blocker(synth_cfg(compile=True), cuda)
-    assert "rmsprop" in engine.graph_blocker(synth_cfg(optimizer="rmsprop"), cuda)
-    assert "one-cycle" in engine.graph_blocker(synth_cfg(scheduler="onecycle"), cuda)
+    # rmsprop and one-cycle replay too, with the optimizer's update eager after the graph
+    assert engine.graph_blocker(synth_cfg(optimizer="rmsprop"), cuda) is None
+    assert engine.graph_blocker(synth_cfg(scheduler="onecycle"), cuda) is None
+    assert engine.graph_updates(synth_cfg()) and engine.graph_updates(synth_cfg(optimizer="sgd", scheduler="cosine"))
+    assert not engine.graph_updates(synth_cfg(optimizer="rmsprop"))
+    assert not engine.graph_updates(synth_cfg(scheduler="onecycle"))
     result = engine.fit(synth_cfg(epochs=1))  # on the CPU: eager, and says so
     assert not result.cuda_graph and result.state.graph_replays == 0
 
@@ -411,7 +415,11 @@ def max_weight_diff(a, b) -> float:
 
 GRAPH_RUNS = [dict(optimizer="adam", scheduler="cosine"),  # lr changes every step: the graph must see it
               dict(optimizer="adamw", weight_decay=0.05, scheduler="step", step_size=1, step_gamma=0.5),
-              dict(optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True, scheduler="cosine")]
+              dict(optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True, scheduler="cosine"),
+              # the update eager after each replay: one-cycle's momentum changes, rmsprop's update
+              dict(optimizer="adamw", scheduler="onecycle"),
+              dict(optimizer="sgd", lr=0.05, momentum=0.9, scheduler="onecycle"),
+              dict(optimizer="rmsprop", lr=1e-3, momentum=0.5, scheduler="step", step_size=1, step_gamma=0.5)]
 
 
 @pytest.mark.gpu
