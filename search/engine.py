@@ -2,7 +2,8 @@
 
 The dataset lives on the training device as uint8 (airbench-style). A batch is an index slice of
 that tensor, normalised and augmented on the device as a whole: no DataLoader, no PIL, no
-per-sample Python in the hot loop.
+per-sample Python in the hot loop. On CUDA each full batch's step is one replayed CUDA graph
+(`GraphedSteps`).
 """
 
 from __future__ import annotations
