@@ -7,8 +7,10 @@
 (c) with --compile: `fit` with `compile = true` (torch.compile, inductor);
 (e) on a GPU: `fit` with `cuda_graph = false`, each step's kernels launched one by one.
 MNIST (the default): all 60,000 training images, --epochs times each, scored on the 10,000 test
-images; with 2 epochs or more the ratio after the first epoch is printed too (the first carries
-one-off costs: a GPU's first kernels, cuDNN's algorithm choices, compilation).
+images. The runs alternate epoch by epoch (a b e a b e ...: one round is one epoch of each), so
+load on a shared machine hits them alike; with 2 epochs or more the median of the per-round
+ratios after the first round is printed too (the first carries one-off costs: a GPU's first
+kernels, cuDNN's algorithm choices, graph capture, compilation).
 CIFAR-10 (`--dataset cifar10`, the JPEG q75 copy, model cifar_sixconv, flip augmentation):
 --train-images of them, the three alternated in --rounds short rounds (a b c a b c ...), each
 reported by its median; (c)'s compile time and its break-even on all 50,000 images come apart.
@@ -38,6 +40,7 @@ from torchvision import transforms
 
 import models
 from search import datasets, engine
+from search.augment import Normalizer
 from search.config import RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,9 +49,10 @@ CIFAR_LABEL = "CIFAR-10 (JPEG q75 copy)"
 CIFAR_TRAIN = 50_000  # the full training set the break-even is counted on
 
 
-def seed_loop(cfg: RunConfig, raw_dir: Path, device: torch.device) -> tuple[list[float], float]:
-    """Train the way the seed notebooks do; returns (train samples/s of each epoch, test accuracy)."""
-    with tempfile.TemporaryDirectory() as tmp:
+class SeedLoop:
+    """The seed notebooks' training, one epoch per `epoch()` call, so rounds can interleave."""
+
+    def __init__(self, cfg: RunConfig, raw_dir: Path, device: torch.device, tmp: str):
         # torchvision's MNIST reads the uncompressed idx files; unpack a copy, never the shared data.
         (Path(tmp) / "MNIST" / "raw").mkdir(parents=True)
         for gz in raw_dir.glob("*-ubyte.gz"):
@@ -56,31 +60,36 @@ def seed_loop(cfg: RunConfig, raw_dir: Path, device: torch.device) -> tuple[list
                 shutil.copyfileobj(src, dst)
         tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
         train_set = torchvision.datasets.MNIST(tmp, train=True, download=False, transform=tf)
-        test_set = torchvision.datasets.MNIST(tmp, train=False, download=False, transform=tf)
-        loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True)
+        self.test_set = torchvision.datasets.MNIST(tmp, train=False, download=False, transform=tf)
+        # its own shuffling stream: fit, run between its epochs, sets the global one
+        self.loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True,
+                                                  generator=torch.Generator().manual_seed(cfg.seed))
         torch.manual_seed(cfg.seed)
-        model = models.build_model(cfg, (1, 28, 28), 10).to(device)
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-        loss_fn = nn.CrossEntropyLoss()
-        rates = []
-        for _ in range(cfg.epochs):
-            model.train()
-            seen, t0 = 0, time.perf_counter()
-            for xb, yb in loader:
-                xb, yb = xb.to(device), yb.to(device)
-                opt.zero_grad()
-                loss_fn(model(xb), yb).backward()
-                opt.step()
-                seen += xb.shape[0]
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # the epoch's queued kernels belong to it
-            rates.append(seen / (time.perf_counter() - t0))
-        model.eval()
+        self.model = models.build_model(cfg, (1, 28, 28), 10).to(device)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.loss_fn, self.device = nn.CrossEntropyLoss(), device
+
+    def epoch(self) -> float:
+        """One training epoch; its samples/s."""
+        self.model.train()
+        seen, t0 = 0, time.perf_counter()
+        for xb, yb in self.loader:
+            xb, yb = xb.to(self.device), yb.to(self.device)
+            self.opt.zero_grad()
+            self.loss_fn(self.model(xb), yb).backward()
+            self.opt.step()
+            seen += xb.shape[0]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the epoch's queued kernels belong to it
+        return seen / (time.perf_counter() - t0)
+
+    def test(self) -> float:
+        self.model.eval()
         correct = 0
         with torch.no_grad():
-            for xb, yb in torch.utils.data.DataLoader(test_set, batch_size=1000):
-                correct += (model(xb.to(device)).argmax(1) == yb.to(device)).sum().item()
-        return rates, correct / len(test_set)
+            for xb, yb in torch.utils.data.DataLoader(self.test_set, batch_size=1000):
+                correct += (self.model(xb.to(self.device)).argmax(1) == yb.to(self.device)).sum().item()
+        return correct / len(self.test_set)
 
 
 class PILImages(torch.utils.data.Dataset):
@@ -241,33 +250,47 @@ def main() -> None:
           f"Adam 1e-3, batch {cfg.batch_size}, {cfg.epochs} epoch(s), device {device}, "
           f"{torch.get_num_threads()} threads")
 
-    rates_a, acc_a = seed_loop(cfg, Path(args.data_dir) / "MNIST" / "raw", device)
-    rate_a = overall(rates_a)
-    print(f"{'(a) DataLoader + PIL + ToTensor/Normalize:':42s} {rate_a:8.0f} samples/s   test acc {acc_a:.2%}")
     # (b) as the search runs it (precision auto; CUDA graphs on a GPU), and in fp32 when auto
     # picked bf16, so the share of the speed-up that comes from bf16 is visible; (e) on a GPU,
     # the same steps launched eager (cuda_graph = false), so the graphs' share is visible too.
     runs = [cfg] + ([cfg.replace(precision="fp32")] if engine.uses_bf16("auto", device) else [])
     runs += [cfg.replace(cuda_graph=False)] if engine.graph_blocker(cfg, device) is None else []
     runs += [cfg.replace(compile=True)] if args.compile else []
-    for run_cfg in runs:
-        result = engine.fit(run_cfg, dataset=ds, evaluate_test=True)
-        rates_b = [len(ds.train_y) / h["train_seconds"] for h in result.history]
-        rate_b = overall(rates_b)
+    ds_dev = datasets.to_device(ds, device)
+    states = [engine.TrainState.start(run_cfg, ds_dev, device) for run_cfg in runs]
+    epochs = [engine.train_epochs(state, ds_dev) for state in states]
+    rates_a, rates_b = [], [[] for _ in runs]
+    with tempfile.TemporaryDirectory() as tmp:
+        seed = SeedLoop(cfg, Path(args.data_dir) / "MNIST" / "raw", device, tmp)
+        for _ in range(cfg.epochs):  # one round: an epoch of each, in the same order every round
+            rates_a.append(seed.epoch())
+            for rates, run in zip(rates_b, epochs):
+                rates.append(len(ds.train_y) / next(run)["train_seconds"])
+        acc_a = seed.test()
+    rate_a = overall(rates_a)
+    print(f"{'(a) DataLoader + PIL + ToTensor/Normalize:':42s} {rate_a:8.0f} samples/s   test acc {acc_a:.2%}")
+    for run_cfg, state, rates in zip(runs, states, rates_b):
+        norm = Normalizer(ds.mean, ds.std, device)
+        _, test_acc = engine.evaluate(state.model, ds_dev.test_x, ds_dev.test_y, norm,
+                                      bf16=engine.uses_bf16(run_cfg.precision, device), forward=state.forward)
+        rate_b = overall(rates)
         letter = "c" if run_cfg.compile else "b" if run_cfg.cuda_graph else "e"
         which = {"c": "(c) fit compiled (compile time included),", "b": "(b) fit,",
                  "e": "(e) fit eager (cuda_graph = false),"}[letter]
-        steps = "CUDA graphs" if result.cuda_graph else "eager steps"
-        label = f"{which} {run_cfg.precision} -> {result.precision}, channels_last, {steps}:"
-        print(f"{label:42s} {rate_b:8.0f} samples/s   test acc {result.test_acc:.2%}")
+        steps = "CUDA graphs" if state.graph_replays else "eager steps"
+        precision = "bf16" if engine.uses_bf16(run_cfg.precision, device) else "fp32"
+        label = f"{which} {run_cfg.precision} -> {precision}, channels_last, {steps}:"
+        print(f"{label:42s} {rate_b:8.0f} samples/s   test acc {test_acc:.2%}")
         pair = f"({letter})/(a)"
         print(f"    speed ratio {pair}: {rate_b / rate_a:.2f}x   accuracy difference {pair.replace('/', '-')}: "
-              f"{(result.test_acc - acc_a) * 100:+.2f} points")
+              f"{(test_acc - acc_a) * 100:+.2f} points")
         if cfg.epochs >= 2:
-            # the first epoch carries one-off costs (a GPU's first kernels, cuDNN's choices, compilation)
-            later_a, later_b = overall(rates_a[1:]), overall(rates_b[1:])
-            print(f"    after the first epoch: (a) {later_a:.0f}, {pair[:3]} {later_b:.0f} samples/s; "
-                  f"speed ratio after the first epoch {pair}: {later_b / later_a:.2f}x")
+            # the first round carries one-off costs (a GPU's first kernels, cuDNN's choices, capture, compilation)
+            later = [b / a for a, b in zip(rates_a[1:], rates[1:])]
+            print(f"    after the first epoch: (a) {overall(rates_a[1:]):.0f}, {pair[:3]} {overall(rates[1:]):.0f} "
+                  f"samples/s; per round {', '.join(f'{r:.2f}x' for r in later)}; "
+                  f"speed ratio after the first epoch {pair}: {statistics.median(later):.2f}x (median of "
+                  f"{len(later)} round{'s' if len(later) > 1 else ''})")
 
 
 def overall(rates: list[float]) -> float:

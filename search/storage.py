@@ -373,14 +373,10 @@ def study_gone(engine: sqlalchemy.Engine, study_id: int, name: str, uid: str | N
     """None while study `study_id` is still the study `name` with `uid`; else one line saying
     what became of it."""
     with engine.connect() as conn:
-        return _gone(conn, study_id, name, uid)
-
-
-def _gone(conn, study_id: int, name: str, uid: str | None) -> str | None:
-    if _identity(conn, study_id) == (name, uid):
-        return None
-    studies = rdb_models.StudyModel.__table__
-    again = conn.execute(sqlalchemy.select(studies.c.study_id).where(studies.c.study_name == name)).first()
+        if _identity(conn, study_id) == (name, uid):
+            return None
+        studies = rdb_models.StudyModel.__table__
+        again = conn.execute(sqlalchemy.select(studies.c.study_id).where(studies.c.study_name == name)).first()
     return _gone_line(name, again is not None)
 
 
