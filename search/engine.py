@@ -294,6 +294,9 @@ class GraphedSteps:
             with torch.cuda.graph(graph):
                 self.step(self.perm[self.pos + self.rows], self.updates)
                 self.pos += self.bs
+        except RuntimeError as err:  # e.g. a model whose forward asks the host (.item(), data-dependent shapes)
+            raise DeviceError(f"cuda_graph: this run's training step could not be captured as a CUDA graph "
+                              f"({first_line(err)}); train it with cuda_graph = false") from err
         finally:
             group["lr"] = lr_value
         self.graph = graph

@@ -471,3 +471,29 @@ def test_a_graphed_run_with_dropout_and_augmentation_learns_and_resumes(tmp_path
     assert resumed.best_val_acc >= 0.5
     losses = [h["train_loss"] for h in resumed.history]
     assert [h["train_loss"] for h in again.history] == pytest.approx(losses, rel=1e-5)
+
+
+def test_a_step_that_cannot_be_captured_is_one_line_naming_cuda_graph_false(monkeypatch):
+    """Where capture fails (on a GPU: a forward that asks the host, as .item() does), the run stops
+    with one line that says how to train it; the optimizer keeps its float learning rate."""
+    class Refused:
+        def __init__(self, graph):
+            pass
+
+        def __enter__(self):
+            raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "graph", Refused)
+    cfg = synth_cfg()
+    ds = on_cpu(cfg)
+    state = engine.TrainState.start(cfg, ds)
+    steps = engine.GraphedSteps(lambda idx, update: None, state.optimizer, 540, 32, torch.device("cpu"))
+    with pytest.raises(DeviceError, match=r"^cuda_graph: this run's training step could not be captured as a "
+                       r"CUDA graph \(operation not permitted when stream is capturing\); train it with "
+                       r"cuda_graph = false$"):
+        steps.replay()
+    assert state.optimizer.param_groups[0]["lr"] == cfg.lr and steps.graph is None
