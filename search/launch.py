@@ -7,10 +7,12 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from search import cores
 from search.errors import LaunchError
 from search.urls import storage_url
 
@@ -41,7 +43,8 @@ class Slot:
 
 def plan_slots(gpus: str | None, per_gpu: int, cpus: int | None, log_dir: Path) -> list[Slot]:
     """One worker per GPU slot (CUDA_VISIBLE_DEVICES), or `cpus` CPU workers sharing the cores
-    with torch threads split between them so the machine is never oversubscribed."""
+    with torch threads split between them so the machine is never oversubscribed (and, while
+    some wait with nothing to train, split between the ones training: search/cores.py)."""
     ids = visible_gpus(gpus) if gpus else []
     if gpus and not ids:
         raise LaunchError("--gpus all: no CUDA device found on this machine; use --cpus N")
@@ -72,16 +75,21 @@ def launch(name: str, url: str | None, slots: list[Slot], *, worker_args: Sequen
     """
     url = storage_url(url)
     procs = []
+    # CPU workers mark themselves busy here, so the ones training take the idle ones' cores
+    share = tempfile.TemporaryDirectory(prefix="cnnsearch-cores-") if any(s.device == "cpu" for s in slots) else None
+    shared = {cores.DIR_ENV: share.name, cores.CORES_ENV: str(os.cpu_count() or 1)} if share else {}
     for k, slot in enumerate(slots):
         slot.log.parent.mkdir(parents=True, exist_ok=True)
         # The URL goes in the environment, not argv: `ps` shows every user a command line.
         cmd = [*CNNSEARCH, "worker", name,
                "--device", slot.device, "--quiet", "--worker-index", str(k), *worker_args]
         log = open(slot.log, "ab")
-        env = {**os.environ, **slot.env, "CNNSEARCH_STORAGE": url}
+        env = {**os.environ, **slot.env, "CNNSEARCH_STORAGE": url, **(shared if slot.device == "cpu" else {})}
         procs.append(subprocess.Popen(cmd, env=env, stdout=log,
                                       stderr=subprocess.STDOUT, start_new_session=True))
         log.close()
+        if share is not None and slot.device == "cpu":
+            (Path(share.name) / str(procs[-1].pid)).touch()  # busy until it waits (search/cores.py)
         if on_start:
             on_start(k, slot, procs[-1].pid)
 
@@ -96,3 +104,5 @@ def launch(name: str, url: str | None, slots: list[Slot], *, worker_args: Sequen
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
+        if share is not None:
+            share.cleanup()

@@ -24,7 +24,7 @@ import optuna
 from optuna.trial import TrialState
 
 import search
-from search import datasets, finalstage, space
+from search import cores, datasets, finalstage, space
 from search.artifacts import CheckpointStore, open_artifacts
 from search import spec as spec_mod
 from search import study as study_mod
@@ -200,13 +200,16 @@ def stop_on_signals():
         _pending.clear()
 
 
-def _checking(on_epoch):
-    """The objective's epoch hook: the caller's progress hook, then a safe point."""
+def _checking(on_epoch, share: cores.CoreShare | None = None):
+    """The objective's epoch hook: the caller's progress hook, then a safe point, where a
+    launched CPU worker also takes its share of the machine's cores (search/cores.py)."""
 
     def hook(number: int, epoch: int, metrics: dict) -> None:
         if on_epoch is not None:
             on_epoch(number, epoch, metrics)
         _check_signals()
+        if share is not None:
+            share.adjust()
 
     return hook
 
@@ -335,7 +338,8 @@ def run_worker(name: str, store: Store | str | None = None, *, device: str = "au
     seed = sampler_seed(spec, index)
     study.sampler = spec_mod.make_sampler(spec, seed_offset=index)
     study.pruner = spec_mod.make_pruner(spec)
-    objective = _guarded(make_objective(spec, device=device, on_epoch=_checking(on_epoch),
+    share = cores.from_env() if resolve_device(device).type == "cpu" else None  # launch --cpus N
+    objective = _guarded(make_objective(spec, device=device, on_epoch=_checking(on_epoch, share),
                                         trial_attrs={"worker_index": index, "sampler_seed": seed},
                                         checkpoints=artifacts))
     deadline = _deadline(study, spec.timeout)
@@ -395,11 +399,13 @@ def run_worker(name: str, store: Store | str | None = None, *, device: str = "au
         watch_study(study)
         study.sampler = optuna.samplers.RandomSampler(seed=seed)  # every job's params are enqueued
         study.pruner = optuna.pruners.NopPruner()
-        objective = _guarded(finalstage.make_job(spec, device=device, on_epoch=_checking(on_epoch),
+        objective = _guarded(finalstage.make_job(spec, device=device, on_epoch=_checking(on_epoch, share),
                                                  checkpoints=artifacts))
         final_stage.append(True)
 
     def run_one() -> None:
+        if share is not None:
+            share.busy()
         try:
             study.optimize(objective, n_trials=1, timeout=None if final_stage else left, callbacks=[after_trial],
                            catch=(OverBudget, Exception))
@@ -408,6 +414,8 @@ def run_worker(name: str, store: Store | str | None = None, *, device: str = "au
         _check_signals()
 
     def wait() -> None:
+        if share is not None:
+            share.idle()  # nothing to train: the workers still training take this one's cores
         optuna.storages.fail_stale_trials(study)  # a dead worker's trial -> retried, WAITING
         time.sleep(POLL_SECONDS)
 
