@@ -16,8 +16,9 @@
 #     one and the same with augmentation, `baseline = 2`), FINAL_EPOCHS (30) epochs on all
 #     45,000 training images (schedules stretched), the best on validation (mean of the last 3
 #     epochs) over SEEDS (2) seeds, the test split read once per seed.
-# WORKERS (2) worker processes share the cores (1 torch thread each on 2 cores); RUN names the
-# study (default: auto).
+# WORKERS (2) worker processes share the cores (1 torch thread each on 2 cores, the ones training
+# taking the waiting ones' threads); RUN names the study (default: auto). Run again with the same
+# RUN and OUT_DIR, a stopped run resumes: its trials and final runs from their last checkpoints.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=${1:-../shared/datasets}
@@ -27,6 +28,10 @@ mkdir -p "$out"
 cnnsearch=".venv/bin/cnnsearch"
 name="cifar10_jpeg_${family}_${RUN:-auto}"
 storage="sqlite:///$out/$name.db"
+if [ -f "$out/$name.db" ] && $cnnsearch status "$name" --storage "$storage" > /dev/null 2>&1; then
+    # stopped before (Ctrl-C, a killed session): launch goes on with its trials, from their checkpoints
+    echo "resuming study $name in $storage; the budget knobs are the stored study's"
+else
 $cnnsearch create "studies/cifar10_$family.toml" --storage "$storage" \
     --set "study.name=$name" --set "study.n_trials=${N_TRIALS:-16}" --set sampler.kwargs.n_startup_trials=7 \
     --set data.dataset=folder --set "data.data_dir=$data" \
@@ -36,6 +41,7 @@ $cnnsearch create "studies/cifar10_$family.toml" --storage "$storage" \
     --set pruner.kwargs.min_resource=2 --set "pruner.kwargs.max_resource=${SEARCH_EPOCHS:-12}" \
     --set "final.finalists=${FINALISTS:-2}" --set "final.epochs=${FINAL_EPOCHS:-30}" \
     --set "final.seeds=${SEEDS:-2}" --set final.average_last=3
+fi
 /usr/bin/time -f "search + final stage wall %e s" $cnnsearch launch "$name" --storage "$storage" \
     --cpus "${WORKERS:-2}" --log-dir "$out/logs-$name"
 $cnnsearch export "$name" --storage "$storage" -o "$out/$name.json" --model "$out/$name-final.pt"
