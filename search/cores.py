@@ -4,17 +4,22 @@ Each worker starts with cores // N torch threads. A worker that has nothing to t
 is spent and the last trials run elsewhere; in the final stage, the seed runs that follow the
 finalists) waits and leaves its cores idle, so the workers still training take them over. In a
 folder launch made, a file named by a worker's pid marks it busy: launch writes it when the
-worker starts, the worker removes it when it waits and writes it again when it trains. After
-every epoch a training worker sets its threads to cores // (live busy workers): between epochs,
-in the main thread, where torch.set_num_threads applies to the next op. A worker gives cores
-back the same way, at its next epoch's end. Without launch ($CNNSEARCH_CORES_DIR unset) nothing
-changes.
+worker starts and removes it when the worker exits; the worker removes it when it waits and
+writes it again when it trains. A training worker sets its threads to cores // (live busy
+workers) after every epoch, and at once when another worker starts or stops training: that one
+sends it SIGUSR1, so two workers never hold one core's threads for long (a contended OpenMP
+thread spins: measured here, a 2-thread run beside two busy processes on 2 cores trained 7x
+slower than on 1 thread). torch.set_num_threads runs in the main thread, between ops. Without
+launch ($CNNSEARCH_CORES_DIR unset) nothing changes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 DIR_ENV, CORES_ENV = "CNNSEARCH_CORES_DIR", "CNNSEARCH_CORES"
@@ -34,21 +39,33 @@ class CoreShare:
     def __init__(self, folder: str | Path, cores: int, *, verbose: bool = True):
         self.folder, self.cores, self.verbose = Path(folder), max(1, cores), verbose
         self.mark = self.folder / str(os.getpid())
+        self.news: str | None = None  # a change made in the signal handler, said at the next `adjust`
 
     def busy(self) -> None:
-        """This worker trains from now on: counted by every worker's next `adjust`."""
+        """This worker trains from now on: it takes its share, the others shrink to theirs now."""
         self.mark.touch()
         self.adjust()
+        self._nudge()
 
     def idle(self) -> None:
+        """This worker waits (or stops): the others training grow into its cores now."""
         self.mark.unlink(missing_ok=True)
+        self._nudge()
+
+    def _marked(self) -> list[int]:
+        return [int(p.name) for p in self.folder.iterdir() if p.name.isdigit()]
 
     def busy_workers(self) -> int:
         """Live workers marked busy (a killed worker's mark is skipped), this one at least."""
-        pids = [int(p.name) for p in self.folder.iterdir() if p.name.isdigit()]
-        return max(1, sum(1 for pid in pids if pid == os.getpid() or _alive(pid)))
+        return max(1, sum(1 for pid in self._marked() if pid == os.getpid() or _alive(pid)))
 
-    def adjust(self) -> None:
+    def _nudge(self) -> None:
+        with contextlib.suppress(OSError):  # the folder gone (launch ended), a worker just exited
+            for pid in self._marked():
+                if pid != os.getpid():
+                    os.kill(pid, signal.SIGUSR1)
+
+    def adjust(self, say: bool = True) -> None:
         """Take this worker's share of the cores now: cores // busy workers torch threads."""
         import torch
 
@@ -59,9 +76,31 @@ class CoreShare:
         want = max(1, self.cores // busy)
         if want != torch.get_num_threads():
             torch.set_num_threads(want)
+            self.news = (f"cores: {want} torch thread(s), {busy} worker(s) of this machine training "
+                         f"on {self.cores} cores")
+        if say and self.news is not None:
             if self.verbose:
-                print(f"cores: {want} torch thread(s), {busy} worker(s) of this machine training on "
-                      f"{self.cores} cores", file=sys.stderr, flush=True)
+                print(self.news, file=sys.stderr, flush=True)
+            self.news = None
+
+    def _on_signal(self, signum, frame) -> None:
+        # no print here: the main thread may be inside a write to the same stream
+        with contextlib.suppress(Exception):  # nothing may reach the training it interrupted
+            self.adjust(say=False)
+
+    @contextlib.contextmanager
+    def listening(self):
+        """While inside, SIGUSR1 (another worker started or stopped training) adjusts at once.
+        launch starts its workers with SIGUSR1 ignored, so one sent before this is harmless."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGUSR1, self._on_signal)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGUSR1, previous)
+            self.idle()
 
 
 def from_env() -> CoreShare | None:

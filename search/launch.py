@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -78,20 +79,27 @@ def launch(name: str, url: str | None, slots: list[Slot], *, worker_args: Sequen
     # CPU workers mark themselves busy here, so the ones training take the idle ones' cores
     share = tempfile.TemporaryDirectory(prefix="cnnsearch-cores-") if any(s.device == "cpu" for s in slots) else None
     shared = {cores.DIR_ENV: share.name, cores.CORES_ENV: str(os.cpu_count() or 1)} if share else {}
-    for k, slot in enumerate(slots):
-        slot.log.parent.mkdir(parents=True, exist_ok=True)
-        # The URL goes in the environment, not argv: `ps` shows every user a command line.
-        cmd = [*CNNSEARCH, "worker", name,
-               "--device", slot.device, "--quiet", "--worker-index", str(k), *worker_args]
-        log = open(slot.log, "ab")
-        env = {**os.environ, **slot.env, "CNNSEARCH_STORAGE": url, **(shared if slot.device == "cpu" else {})}
-        procs.append(subprocess.Popen(cmd, env=env, stdout=log,
-                                      stderr=subprocess.STDOUT, start_new_session=True))
-        log.close()
-        if share is not None and slot.device == "cpu":
-            (Path(share.name) / str(procs[-1].pid)).touch()  # busy until it waits (search/cores.py)
-        if on_start:
-            on_start(k, slot, procs[-1].pid)
+    # each worker starts with SIGUSR1 ignored (inherited through exec) until it listens for the
+    # others' "I train / I wait" (search/cores.py): one sent earlier would otherwise kill it
+    usr1 = signal.signal(signal.SIGUSR1, signal.SIG_IGN) if share is not None else None
+    try:
+        for k, slot in enumerate(slots):
+            slot.log.parent.mkdir(parents=True, exist_ok=True)
+            # The URL goes in the environment, not argv: `ps` shows every user a command line.
+            cmd = [*CNNSEARCH, "worker", name,
+                   "--device", slot.device, "--quiet", "--worker-index", str(k), *worker_args]
+            log = open(slot.log, "ab")
+            env = {**os.environ, **slot.env, "CNNSEARCH_STORAGE": url, **(shared if slot.device == "cpu" else {})}
+            procs.append(subprocess.Popen(cmd, env=env, stdout=log,
+                                          stderr=subprocess.STDOUT, start_new_session=True))
+            log.close()
+            if share is not None and slot.device == "cpu":
+                (Path(share.name) / str(procs[-1].pid)).touch()  # busy until it waits (search/cores.py)
+            if on_start:
+                on_start(k, slot, procs[-1].pid)
+    finally:
+        if usr1 is not None:
+            signal.signal(signal.SIGUSR1, usr1)
 
     def forward(signum, frame):
         for p in procs:
@@ -100,7 +108,12 @@ def launch(name: str, url: str | None, slots: list[Slot], *, worker_args: Sequen
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return [p.wait() for p in procs]
+        while any(p.poll() is None for p in procs):
+            time.sleep(0.2)
+            for p in procs:  # an exited worker is not busy, and its pid may be reused
+                if share is not None and p.returncode is not None:
+                    (Path(share.name) / str(p.pid)).unlink(missing_ok=True)
+        return [p.returncode for p in procs]
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)

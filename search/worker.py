@@ -451,6 +451,9 @@ def run_worker(name: str, store: Store | str | None = None, *, device: str = "au
         return None
 
     run, left = 0, None
+    listening = contextlib.ExitStack()  # SIGUSR1 from the other launched workers (search/cores.py)
+    if share is not None:
+        listening.enter_context(share.listening())
     try:
         while True:
             objective.trial_id, before[0] = None, started_trial(study)
@@ -502,6 +505,7 @@ def run_worker(name: str, store: Store | str | None = None, *, device: str = "au
             _settle(study, current(), "interrupted")
         raise
     finally:
+        listening.close()  # and this worker's cores to the others
         unwatch_study(study)
 
 

@@ -1,6 +1,7 @@
 """Launched CPU workers share the machine's cores: the ones training take the waiting ones' threads."""
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -53,6 +54,45 @@ def test_busy_workers_split_the_cores(tmp_path, threads_kept, other_worker):
     assert not share.mark.exists()
 
 
+def test_another_worker_starting_or_stopping_to_train_changes_the_threads_at_once(tmp_path, threads_kept,
+                                                                                   other_worker, capsys):
+    share = cores.CoreShare(tmp_path, 6)
+    with share.listening():
+        share.busy()
+        assert torch.get_num_threads() == 6
+        capsys.readouterr()
+        (tmp_path / str(other_worker)).touch()  # what the other one's busy() does, then its nudge:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert torch.get_num_threads() == 3  # in the handler, before this worker's next epoch
+        assert capsys.readouterr().err == ""  # said at the next adjust, never inside the handler
+        share.adjust()
+        assert "cores: 3 torch thread(s), 2 worker(s)" in capsys.readouterr().err
+    assert not share.mark.exists()  # leaving: this worker's cores go to the others
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+
+def test_busy_and_idle_nudge_the_other_busy_workers(tmp_path, threads_kept):
+    got = tmp_path / "got"
+    code = (f"import signal, time, pathlib\n"
+            f"signal.signal(signal.SIGUSR1, lambda s, f: pathlib.Path({str(got)!r}).open('a').write('x'))\n"
+            f"print('ready', flush=True)\ntime.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        share = cores.CoreShare(tmp_path / "share", 2, verbose=False)
+        share.folder.mkdir()
+        (share.folder / str(proc.pid)).touch()
+        for doing, expected in ((share.busy, "x"), (share.idle, "xx")):  # one at a time: signals coalesce
+            doing()
+            deadline = time.monotonic() + 10
+            while (not got.exists() or got.read_text() != expected) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert got.exists() and got.read_text() == expected, doing
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_more_busy_workers_than_cores_get_a_thread_each(tmp_path, threads_kept, other_worker):
     (tmp_path / str(other_worker)).touch()
     cores.CoreShare(tmp_path, 1, verbose=False).busy()
@@ -90,7 +130,8 @@ def test_a_worker_training_beside_a_busy_one_takes_its_share_after_each_epoch(tm
 
     run_worker("tiny", url, device="cpu", on_epoch=on_epoch)
     assert threads == [3, 6, 6]  # 6 cores: 2 workers busy, then 1
-    assert (folder / str(os.getpid())).exists()
+    assert not (folder / str(os.getpid())).exists()  # done: its cores are the others'
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
 
 
 def test_launch_gives_cpu_workers_a_share_and_removes_it(tmp_path, monkeypatch):
@@ -107,9 +148,13 @@ def test_launch_gives_cpu_workers_a_share_and_removes_it(tmp_path, monkeypatch):
             with open(f"/proc/{pid}/environ", "rb") as f:
                 env = dict(item.split("=", 1) for item in f.read().decode().split("\0") if "=" in item)
             time.sleep(0.001)
-        seen.append((env.get(cores.DIR_ENV), env.get(cores.CORES_ENV)))
+        with open(f"/proc/{pid}/status") as f:
+            ignored = int(next(line for line in f if line.startswith("SigIgn:")).split()[1], 16)
+        seen.append((env.get(cores.DIR_ENV), env.get(cores.CORES_ENV), bool(ignored >> (signal.SIGUSR1 - 1) & 1)))
 
     assert launch("tiny", url, plan_slots(None, 1, 2, tmp_path / "logs"), on_start=read_env) == [0, 0]
     assert len(seen) == 2 and seen[0] == seen[1] and seen[0][1] == str(os.cpu_count())
+    assert seen[0][2], "a worker must start with SIGUSR1 ignored: one sent before it listens would kill it"
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # launch's own, as it was
     assert seen[0][0].startswith(str(tmp_path / "tmp"))
     assert list((tmp_path / "tmp").iterdir()) == []  # the share's folder went with the launch
