@@ -43,14 +43,17 @@ class CoreShare:
 
     def busy(self) -> None:
         """This worker trains from now on: it takes its share, the others shrink to theirs now."""
+        news = not self.mark.exists()  # else the others count it already
         self.mark.touch()
         self.adjust()
-        self._nudge()
+        if news:
+            self._nudge()
 
     def idle(self) -> None:
         """This worker waits (or stops): the others training grow into its cores now."""
-        self.mark.unlink(missing_ok=True)
-        self._nudge()
+        if self.mark.exists():  # a waiting worker polls: tell the others once
+            self.mark.unlink(missing_ok=True)
+            self._nudge()
 
     def _marked(self) -> list[int]:
         return [int(p.name) for p in self.folder.iterdir() if p.name.isdigit()]
