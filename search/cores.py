@@ -5,12 +5,16 @@ is spent and the last trials run elsewhere; in the final stage, the seed runs th
 finalists) waits and leaves its cores idle, so the workers still training take them over. In a
 folder launch made, a file named by a worker's pid marks it busy: launch writes it when the
 worker starts and removes it when the worker exits; the worker removes it when it waits and
-writes it again when it trains. A training worker sets its threads to cores // (live busy
-workers) after every epoch, and at once when another worker starts or stops training: that one
-sends it SIGUSR1, so two workers never hold one core's threads for long (a contended OpenMP
-thread spins: measured here, a 2-thread run beside two busy processes on 2 cores trained 7x
-slower than on 1 thread). torch.set_num_threads runs in the main thread, between ops. Without
-launch ($CNNSEARCH_CORES_DIR unset) nothing changes.
+writes it again when it starts a job (a trial, a final run), on launch's split of the cores.
+
+After each epoch a training worker takes cores // (live busy workers) torch threads, and keeps
+more than it had only if the next epoch trains at least GAIN times faster: on a machine where
+something else uses the cores, OpenMP's extra threads spin and wait (measured here: a 2-thread
+run beside a busy process on 2 cores trained 7-25x slower than on 1 thread), so they are given
+back for the rest of the job. A worker that starts or stops a job tells the others at once
+(SIGUSR1): those holding more than their share shrink in the handler, between ops, so two
+workers never hold one core's threads for long. torch.set_num_threads runs in the main thread.
+Without launch ($CNNSEARCH_CORES_DIR unset) nothing changes.
 """
 
 from __future__ import annotations
@@ -35,25 +39,83 @@ def _alive(pid: int) -> bool:
     return True
 
 
+GAIN = 1.15  # more threads stay only where an epoch on them trains this much faster than before
+
+
 class CoreShare:
-    def __init__(self, folder: str | Path, cores: int, *, verbose: bool = True):
+    def __init__(self, folder: str | Path, cores: int, *, base: int | None = None, verbose: bool = True):
+        import torch
+
         self.folder, self.cores, self.verbose = Path(folder), max(1, cores), verbose
+        self.base = base or torch.get_num_threads()  # launch's split, cores // workers: where each job starts
         self.mark = self.folder / str(os.getpid())
-        self.news: str | None = None  # a change made in the signal handler, said at the next `adjust`
+        self.news: str | None = None  # a change made in the signal handler, said at the next epoch's end
+        self.before: tuple[int, float] | None = None  # the last epoch's threads and samples/s
+        self.trying: tuple[int, float] | None = None  # the same before a growth, until an epoch judges it
+        self.cap: int | None = None  # this job's most threads: more did not pay
 
     def busy(self) -> None:
-        """This worker trains from now on: it takes its share, the others shrink to theirs now."""
+        """This worker starts a job (a trial, a final run) on launch's split of the cores; the
+        others shrink to their share now, and it grows into free cores after its first epoch."""
         news = not self.mark.exists()  # else the others count it already
         self.mark.touch()
-        self.adjust()
+        self.before = self.trying = self.cap = None
+        self._set(min(self.base, self._share()), say=True)
         if news:
             self._nudge()
 
     def idle(self) -> None:
-        """This worker waits (or stops): the others training grow into its cores now."""
+        """This worker waits (or stops): the others training grow into its cores after their epoch."""
         if self.mark.exists():  # a waiting worker polls: tell the others once
             self.mark.unlink(missing_ok=True)
             self._nudge()
+
+    def epoch(self, samples_per_s: float | None) -> None:
+        """After each epoch of this worker's job: more threads that did not train at least GAIN
+        times faster than the epoch before them are given back for the rest of the job (the
+        cores were not free: a contended OpenMP thread spins); then take the share."""
+        import torch
+
+        threads = torch.get_num_threads()
+        if self.trying is not None and samples_per_s is not None:
+            fewer, rate = self.trying
+            self.trying = None
+            if samples_per_s < GAIN * rate:
+                self.cap, self.before = fewer, None
+                self._set(fewer, say=True, why=f"{threads} trained {samples_per_s:.0f} samples/s against "
+                                                f"{rate:.0f} on {fewer}: the cores are not free")
+                return
+        self.before = (threads, samples_per_s) if samples_per_s else None
+        want = self._share()
+        if want > threads and self.before is None:
+            want = threads  # grow only where an epoch before it can judge the growth
+        if want > threads:
+            self.trying = self.before
+        self._set(want, say=True)
+
+    def _share(self) -> int:
+        """cores // live busy workers, at most this job's cap; the current threads if unknown."""
+        import torch
+
+        try:
+            want = max(1, self.cores // self.busy_workers())
+        except OSError:  # the folder is gone (launch ended): keep the threads as they are
+            return torch.get_num_threads()
+        return min(want, self.cap) if self.cap else want
+
+    def _set(self, threads: int, say: bool, why: str = "") -> None:
+        import torch
+
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+            if not why:
+                with contextlib.suppress(OSError):
+                    why = f"{self.busy_workers()} worker(s) of this machine training on {self.cores} cores"
+            self.news = f"cores: {threads} torch thread(s)" + (f" ({why})" if why else "")
+        if say and self.news is not None:
+            if self.verbose:
+                print(self.news, file=sys.stderr, flush=True)
+            self.news = None
 
     def _marked(self) -> list[int]:
         return [int(p.name) for p in self.folder.iterdir() if p.name.isdigit()]
@@ -68,28 +130,16 @@ class CoreShare:
                 if pid != os.getpid():
                     os.kill(pid, signal.SIGUSR1)
 
-    def adjust(self, say: bool = True) -> None:
-        """Take this worker's share of the cores now: cores // busy workers torch threads."""
+    def _on_signal(self, signum, frame) -> None:
+        """Another worker started or stopped a job: shrink to the share now (growing waits for
+        this worker's epoch end, where it can be judged). No print: the main thread may be inside
+        a write to the same stream."""
         import torch
 
-        try:
-            busy = self.busy_workers()
-        except OSError:  # the folder is gone (launch ended): keep the threads as they are
-            return
-        want = max(1, self.cores // busy)
-        if want != torch.get_num_threads():
-            torch.set_num_threads(want)
-            self.news = (f"cores: {want} torch thread(s), {busy} worker(s) of this machine training "
-                         f"on {self.cores} cores")
-        if say and self.news is not None:
-            if self.verbose:
-                print(self.news, file=sys.stderr, flush=True)
-            self.news = None
-
-    def _on_signal(self, signum, frame) -> None:
-        # no print here: the main thread may be inside a write to the same stream
         with contextlib.suppress(Exception):  # nothing may reach the training it interrupted
-            self.adjust(say=False)
+            if self._share() < torch.get_num_threads():
+                self.trying = None  # this epoch ran on two counts: it judges nothing
+                self._set(self._share(), say=False)
 
     @contextlib.contextmanager
     def listening(self):
@@ -111,4 +161,5 @@ def from_env() -> CoreShare | None:
     folder, cores = os.environ.get(DIR_ENV), os.environ.get(CORES_ENV, "")
     if not folder or not cores.isdigit() or not Path(folder).is_dir():
         return None
-    return CoreShare(folder, int(cores))
+    base = os.environ.get("CNNSEARCH_THREADS", "")  # launch's split (torch's own count if unset)
+    return CoreShare(folder, int(cores), base=int(base) if base.isdigit() else None)

@@ -209,7 +209,7 @@ def _checking(on_epoch, share: cores.CoreShare | None = None):
             on_epoch(number, epoch, metrics)
         _check_signals()
         if share is not None:
-            share.adjust()
+            share.epoch(metrics.get("samples_per_s"))
 
     return hook
 
