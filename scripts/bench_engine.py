@@ -14,6 +14,9 @@ kernels, cuDNN's algorithm choices, graph capture, compilation).
 CIFAR-10 (`--dataset cifar10`, the JPEG q75 copy, model cifar_sixconv, flip augmentation):
 --train-images of them, the three alternated in --rounds short rounds (a b c a b c ...), each
 reported by its median; (c)'s compile time and its break-even on all 50,000 images come apart.
+Round r trains each from seed r, so the rounds' test accuracies are a spread over seeds: each
+one's mean and standard deviation, and (b) and (c) against (a) seed by seed (mean difference and
+its standard error), say whether they reach equal accuracy; --epochs sets the runs' length.
 
     python scripts/bench_engine.py --data-dir ../shared/datasets/mnist --epochs 2
     python scripts/bench_engine.py --dataset cifar10 --threads 1 --rounds 3
@@ -179,15 +182,16 @@ def bench_cifar(args, device: torch.device) -> None:
     print(f"{CIFAR_LABEL}, cifar_sixconv ({n_params:,} params), Adam 1e-3, flip, batch {cfg.batch_size}, "
           f"{len(ds.train_y):,} training images x {epochs} epochs, {args.rounds} rounds, device {device}, "
           f"{torch.get_num_threads()} threads")
-    things = {"(a) DataLoader + PIL + torchvision transforms": lambda: seed_loop_cifar(cfg, train, test, ds.mean,
-                                                                                       ds.std, device),
-              f"(b) fit, precision {cfg.precision}": lambda: fit_cifar(cfg, ds)}
+    # round r trains every one from seed r: the rounds' accuracies are a spread over seeds, not one draw
+    things = {"(a) DataLoader + PIL + torchvision transforms": lambda c: seed_loop_cifar(c, train, test, ds.mean,
+                                                                                         ds.std, device),
+              f"(b) fit, precision {cfg.precision}": lambda c: fit_cifar(c, ds)}
     if args.compile is not False:
-        things[f"(c) fit, precision {cfg.precision}, compile"] = lambda: fit_cifar(cfg.replace(compile=True), ds)
+        things[f"(c) fit, precision {cfg.precision}, compile"] = lambda c: fit_cifar(c.replace(compile=True), ds)
     runs: dict[str, list[dict]] = {label: [] for label in things}
     for r in range(args.rounds):
         for label, run in things.items():
-            runs[label].append(run())
+            runs[label].append(run(cfg.replace(seed=r)))
             last = runs[label][-1]
             evaluation = f", test evaluation {last['eval']:.1f} s" if "eval" in last else ""
             print(f"  round {r + 1} {label[:3]}: {last['rate']:7.0f} samples/s, first epoch {last['extra']:+.1f} s "
@@ -198,6 +202,7 @@ def bench_cifar(args, device: torch.device) -> None:
         print(f"{label + ':':52s} {statistics.median(m['rate'] for m in ms):7.0f} samples/s (median)  "
               f"{ratio:.2f}x the seed loop (median ratio)   {CIFAR_LABEL} test acc "
               f"{statistics.median(m['acc'] for m in ms):.2%}")
+    print_accuracy(runs)
     if len(runs) == 3:
         eager, compiled = (runs[label] for label in list(runs)[1:])
         # (c) against (b) of the same round: a shared CPU's load shifts between rounds, not within one
@@ -206,6 +211,21 @@ def bench_cifar(args, device: torch.device) -> None:
         eager_rate = statistics.median(m["rate"] for m in eager)
         print_break_even([c["extra"] - e["extra"] + c["eval"] - e["eval"] for e, c in zip(eager, compiled)],
                          eager_rate, eager_rate * statistics.median(ratios))
+
+
+def print_accuracy(runs: dict[str, list[dict]]) -> None:
+    """Each one's test accuracy over the rounds' seeds, and (b), (c) against (a) seed by seed: the
+    mean difference and its standard error, what "equal accuracy" can be judged by."""
+    accs = {label: [m["acc"] * 100 for m in ms] for label, ms in runs.items()}
+    seed = next(iter(accs.values()))
+    for label, acc in accs.items():
+        spread = f" +- {statistics.stdev(acc):.2f}" if len(acc) > 1 else ""
+        line = f"{label[:3]} test acc {statistics.mean(acc):.2f}%{spread} over {len(acc)} seed(s) ({CIFAR_LABEL})"
+        if acc is not seed:
+            diffs = [b - a for a, b in zip(seed, acc)]
+            se = f" +- {statistics.stdev(diffs) / len(diffs) ** 0.5:.2f} (standard error)" if len(diffs) > 1 else ""
+            line += f"; {label[1]} - a, same seed: {statistics.mean(diffs):+.2f} points{se}"
+        print(line)
 
 
 def print_break_even(extras: list[float], eager_rate: float, compiled_rate: float) -> None:
