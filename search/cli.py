@@ -548,7 +548,8 @@ def launch(
     gpus: Annotated[Optional[str], typer.Option(help="all | 0,1,... : one worker per GPU slot.")] = None,
     per_gpu: Annotated[int, typer.Option(min=1, help="Workers per GPU.")] = 1,
     cpus: Annotated[Optional[int], typer.Option(min=1, help="CPU workers sharing the cores "
-                                                "(when there is no GPU).")] = None,
+                                                "(when there is no GPU); the ones training take the "
+                                                "threads of the ones waiting.")] = None,
     log_dir: Annotated[Path, typer.Option(help="Where each worker's log goes.")] = Path("logs"),
     heartbeat: HeartbeatOpt = None,
     grace: GraceOpt = None,
