@@ -595,3 +595,12 @@ def test_a_registered_dataset_loads_by_name(scratch_registry):
     ds = datasets.load_dataset("stripes", options={"width": 3}, val_fraction=0.25)
     assert datasets.describe("stripes", {"width": 3}) == (ds.in_shape, ds.num_classes) == ((1, 2, 3), 2)
     assert (len(ds.train_y), len(ds.val_y), len(ds.test_y)) == (12, 4, 4) and "stripes" in datasets.names()
+
+
+@pytest.mark.parametrize("path", [[], ["a.zip"], 3, True, {"p": 1}, "", "  "])
+def test_a_folder_path_that_is_not_a_path_is_one_line_naming_it(path, tmp_path):
+    """A study file's `path = []` once reached pathlib and ended in a TypeError traceback."""
+    for check in (lambda: datasets.describe("folder", {"path": path}, data_dir=tmp_path),
+                  lambda: datasets.load_dataset("folder", options={"path": path}, data_dir=tmp_path)):
+        with pytest.raises(datasets.DataError, match=r"options\.path: expected a path \(a non-empty string\)"):
+            check()

@@ -170,6 +170,8 @@ def _options(info: DatasetInfo, options: dict | None, data_dir: str | os.PathLik
     options = check_options(info, options)
     for key in info.path_options:
         if key in options:
+            if not isinstance(options[key], str) or not options[key].strip():  # a list, a number, "": no path
+                raise DataError(f"options.{key}: expected a path (a non-empty string), got {options[key]!r}")
             options[key] = str(resolve_folder_path(options[key], data_dir))
     return options
 
