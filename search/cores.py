@@ -60,7 +60,8 @@ class CoreShare:
         news = not self.mark.exists()  # else the others count it already
         self.mark.touch()
         self.before = self.trying = self.cap = None
-        self._set(min(self.base, self._share()), say=True)
+        self._set(min(self.base, self._share()), say=True, why="a job starts on launch's split, and grows after an "
+                                                              "epoch where cores are free")
         if news:
             self._nudge()
 
