@@ -51,6 +51,9 @@ class RunConfig:
     flip: bool = False  # random horizontal flip (p=0.5); wrong for digits, right for photos
     crop_padding: int = 0  # padded random crop: pad by this many pixels, crop back to size
     erasing: float = 0.0  # random erasing probability (torchvision RandomErasing defaults otherwise)
+    # evaluation (validation, test, predict) also sees each image mirrored and averages the two
+    # logits: test-time flip, right where training flips (photos), wrong for digits
+    tta_flip: bool = False
 
     # run
     seed: int = 0

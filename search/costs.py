@@ -24,13 +24,17 @@ KEYS = {"macs": "max_macs", "latency_ms": "max_latency_ms"}  # each per-trial li
 def measure_latency_ms(cfg: Any, in_shape: tuple[int, int, int], num_classes: int, device: Any,
                        batch: int) -> float:
     """Milliseconds per image: the model in eval mode on `device`, forward passes of a batch of
-    `batch` random images, WARMUP_RUNS untimed, then the median of TIMED_RUNS, divided by `batch`."""
+    `batch` random images, WARMUP_RUNS untimed, then the median of TIMED_RUNS, divided by `batch`.
+    With `tta_flip` each image costs two passes, as it does in evaluation and predict."""
     import torch
 
     import models
+    from search.engine import FlipAveraged
 
     model = models.build_model(cfg, in_shape, num_classes).to(device).eval()
     model = model.to(memory_format=torch.channels_last)  # as the engine trains it
+    if cfg.tta_flip:
+        model = FlipAveraged(model)
     x = torch.rand(batch, *in_shape, device=device).contiguous(memory_format=torch.channels_last)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     times = []
@@ -53,7 +57,8 @@ def static_values(spec: Any, cfg: Any, in_shape: tuple[int, int, int], num_class
         ModelConfigError: the model does not build or fit the input (the trial is rejected).
     """
     size = check.footprint(cfg, in_shape, num_classes)
-    values: dict[str, float] = {"n_params": size.params, "macs": size.macs}
+    # macs per prediction: a test-time flip runs the network twice on every image
+    values: dict[str, float] = {"n_params": size.params, "macs": size.macs * (2 if cfg.tta_flip else 1)}
     if "latency_ms" in [o.name for o in spec.objectives] or spec.max_latency_ms is not None:
         values["latency_ms"] = round(measure_latency_ms(cfg, in_shape, num_classes, device, spec.latency_batch), 6)
     return values

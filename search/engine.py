@@ -82,15 +82,31 @@ def make_scheduler(cfg: RunConfig, opt, steps_per_epoch: int):
     return None, False
 
 
+class FlipAveraged(nn.Module):
+    """A model whose logits are the mean of its own on an image and on its mirror image (test-time
+    flip): how a run with `tta_flip` is validated and tested, and how predict and model.onnx answer."""
+
+    def __init__(self, model: nn.Module | Callable):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.model(x).float() + self.model(x.flip(3)).float()) / 2
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: Normalizer,
-             batch_size: int = 1024, bf16: bool = False, forward: Callable | None = None) -> tuple[float, float]:
+             batch_size: int = 1024, bf16: bool = False, forward: Callable | None = None,
+             tta_flip: bool = False) -> tuple[float, float]:
     """Mean cross-entropy and accuracy over uint8 images already on the model's device.
 
     `forward` computes the logits in the model's place (its compiled form, `TrainState.forward`).
+    `tta_flip`: the logits are the mean of the image's and its mirror image's (test-time flip).
     """
     model.eval()
     forward = model if forward is None else forward
+    if tta_flip:
+        forward = FlipAveraged(forward)
     device = x.device
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -506,7 +522,7 @@ def train_epochs(state: TrainState, ds) -> Iterator[dict]:
                    "samples_per_s": seen / train_seconds}
         if has_val:
             metrics["val_loss"], metrics["val_acc"] = evaluate(model, ds.val_x, ds.val_y, norm, bf16=bf16,
-                                                               forward=state.forward)
+                                                               forward=state.forward, tta_flip=cfg.tta_flip)
         metrics["seconds"] = time.perf_counter() - t0
         state.rng, state.epoch = _capture_rng(device), epoch + 1
         state.history.append(metrics)
@@ -563,5 +579,5 @@ def fit(cfg: RunConfig, on_epoch: EpochHook | None = None, *, dataset=None,
     if evaluate_test:
         norm = Normalizer(ds.mean, ds.std, device)
         result.test_loss, result.test_acc = evaluate(state.model, ds.test_x, ds.test_y, norm, bf16=bf16,
-                                                     forward=state.forward)
+                                                     forward=state.forward, tta_flip=cfg.tta_flip)
     return result

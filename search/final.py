@@ -180,7 +180,7 @@ def train_final(cfg: config.RunConfig, out_dir: str | Path, *, seeds: int = 1, f
     model_seed, model = chosen
     files = [save_model_file(out / "model.pt", model, cfg.replace(seed=model_seed), ds)]
     if onnx:
-        files.append(export_onnx(model, out / "model.onnx", ds))
+        files.append(export_onnx(model, out / "model.onnx", ds, tta_flip=cfg.tta_flip))
     files.append(write_json(out / "metrics.json", {
         "config": config.to_dict(cfg), "full_train": full_train, "seeds": [r["seed"] for r in runs],
         "tested": test, "test_acc_mean": mean, "test_acc_std": std, "test_images": len(ds.test_y),

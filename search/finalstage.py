@@ -489,7 +489,7 @@ def _reused_test(store: CheckpointStore, artifact_id: str, ds, device, bf16: boo
         path.write_bytes(data)
         loaded = load_model_file(path, str(device))
     norm = Normalizer(ds.mean, ds.std, device)
-    return engine.evaluate(loaded.model, ds.test_x, ds.test_y, norm, bf16=bf16)
+    return engine.evaluate(loaded.model, ds.test_x, ds.test_y, norm, bf16=bf16, tta_flip=loaded.config.tta_flip)
 
 
 def make_job(spec, *, device: str = "auto", on_epoch: Callable[[int, int, dict], None] | None = None,

@@ -45,13 +45,16 @@ def require_onnx() -> None:
             raise ExportError(f"--onnx needs the {package} package: pip install onnx onnxruntime") from None
 
 
-def export_onnx(model: torch.nn.Module, path: Path, ds, atol: float = 1e-4) -> Path:
-    """model.onnx with a dynamic batch size, checked against PyTorch on up to 64 training images."""
+def export_onnx(model: torch.nn.Module, path: Path, ds, atol: float = 1e-4, tta_flip: bool = False) -> Path:
+    """model.onnx with a dynamic batch size, checked against PyTorch on up to 64 training images.
+    With `tta_flip` the graph averages the image's and its mirror image's logits."""
     import inspect
 
     import onnxruntime
 
     model = model.float().to("cpu", memory_format=torch.contiguous_format).eval()
+    if tta_flip:
+        model = engine.FlipAveraged(model).eval()
     x = Normalizer(ds.mean, ds.std, torch.device("cpu"))(ds.train_x[:64].cpu())
     # The TorchScript exporter needs only `onnx`; the newer dynamo exporter also wants onnxscript
     # and takes ~20 s for a small convnet, so ask for the old one where the keyword exists.
@@ -145,7 +148,8 @@ def predict_images(loaded: ModelFile, paths: Sequence[str | Path]) -> list[Predi
     device = next(loaded.model.parameters()).device
     batch = torch.stack([read_image(p, loaded.in_shape) for p in paths]).to(device)
     norm = Normalizer(loaded.mean, loaded.std, device)
-    probs = torch.softmax(loaded.model(norm(batch)).float(), dim=1)
+    model = engine.FlipAveraged(loaded.model) if loaded.config.tta_flip else loaded.model
+    probs = torch.softmax(model(norm(batch)).float(), dim=1)
     best, index = probs.max(dim=1)
     return [Prediction(str(p), i, loaded.classes[i], b) for p, i, b in zip(paths, index.tolist(), best.tolist())]
 
@@ -162,5 +166,5 @@ def evaluate_model_file(loaded: ModelFile, data_dir: str | None = None) -> tuple
         raise CheckpointError(f"the {cfg.dataset} data here has shape {ds.in_shape} and {ds.num_classes} classes; "
                               f"the checkpoint expects {loaded.in_shape} and {len(loaded.classes)}")
     loss, acc = engine.evaluate(loaded.model, ds.test_x, ds.test_y, Normalizer(loaded.mean, loaded.std, device),
-                                bf16=engine.uses_bf16(loaded.config.precision, device))
+                                bf16=engine.uses_bf16(loaded.config.precision, device), tta_flip=loaded.config.tta_flip)
     return acc, loss, len(ds.test_y)

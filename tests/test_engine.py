@@ -3,7 +3,9 @@ import math
 import pytest
 import torch
 
+import models
 from search import datasets, engine
+from search.augment import Normalizer
 from search.config import RunConfig
 from search.errors import CheckpointError, DeviceError
 
@@ -497,3 +499,32 @@ def test_a_step_that_cannot_be_captured_is_one_line_naming_cuda_graph_false(monk
                        r"cuda_graph = false$"):
         steps.replay()
     assert state.optimizer.param_groups[0]["lr"] == cfg.lr and steps.graph is None
+
+
+def test_tta_flip_scores_the_mean_of_each_image_and_its_mirror_images_logits():
+    cfg = synth_cfg(epochs=1, tta_flip=True, precision="fp32")  # the check below computes in fp32
+    result = engine.fit(cfg, evaluate_test=True)
+    ds = datasets.dataset_for(cfg)
+    norm = Normalizer(ds.mean, ds.std, torch.device("cpu"))
+    model = result.model.eval()
+    with torch.no_grad():
+        x = norm(ds.test_x)
+        logits = (model(x) + model(x.flip(3))) / 2
+    expected_loss = torch.nn.functional.cross_entropy(logits, ds.test_y).item()
+    expected_acc = (logits.argmax(1) == ds.test_y).float().mean().item()
+    assert result.test_loss == pytest.approx(expected_loss, rel=1e-4)
+    assert result.test_acc == pytest.approx(expected_acc)
+    plain_loss, _ = engine.evaluate(model, ds.test_x, ds.test_y, norm)  # without the flip: another number
+    assert plain_loss != pytest.approx(expected_loss, rel=1e-4)
+    assert result.history[-1]["val_loss"] == pytest.approx(  # validation is scored the same way
+        engine.evaluate(model, ds.val_x, ds.val_y, norm, tta_flip=True)[0], rel=1e-4)
+
+
+def test_tta_flip_changes_nothing_on_mirror_symmetric_images():
+    torch.manual_seed(0)
+    half = torch.randint(0, 256, (16, 1, 12, 6), dtype=torch.uint8)
+    x = torch.cat([half, half.flip(3)], dim=3)  # each image its own mirror image
+    y = torch.randint(0, 4, (16,))
+    model = models.build_model(synth_cfg(), (1, 12, 12), 4).eval()
+    norm = Normalizer((0.5,), (0.25,), torch.device("cpu"))
+    assert engine.evaluate(model, x, y, norm, tta_flip=True) == pytest.approx(engine.evaluate(model, x, y, norm))

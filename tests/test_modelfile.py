@@ -92,3 +92,40 @@ def test_onnx_export_matches_pytorch(tmp_path):
     session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         assert torch.allclose(torch.from_numpy(session.run(None, {"images": x.numpy()})[0]), loaded.model(x), atol=1e-4)
+
+
+def test_a_tta_flip_model_predicts_and_exports_as_it_was_tested(tmp_path):
+    cfg = config.from_dict({**CONFIG, "tta_flip": True})
+    train_final(cfg, tmp_path / "tta")
+    loaded = load_model_file(tmp_path / "tta")
+    assert loaded.config.tta_flip
+    ds = datasets.dataset_for(loaded.config)
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"img{i}.png")
+        Image.fromarray(ds.test_x[i, 0].numpy()).save(paths[-1])
+    from search.augment import Normalizer
+    from search.modelfile import predict_images
+
+    with torch.no_grad():
+        x = Normalizer(loaded.mean, loaded.std, torch.device("cpu"))(ds.test_x[:3])
+        probs = torch.softmax((loaded.model(x) + loaded.model(x.flip(3))) / 2, dim=1)
+    got = predict_images(loaded, paths)
+    assert [p.index for p in got] == probs.argmax(1).tolist()
+    assert [p.probability for p in got] == pytest.approx(probs.max(1).values.tolist(), rel=1e-5)
+    test_acc = json.loads((tmp_path / "tta" / "metrics.json").read_text())["runs"][0]["test_acc"]
+    result = invoke("predict", tmp_path / "tta", "--dataset-test")
+    assert result.exit_code == 0, result.output
+    assert f"accuracy {test_acc:.2%}" in result.stdout
+
+
+def test_onnx_export_of_a_tta_flip_model_averages_the_mirror_image(tmp_path):
+    ort = pytest.importorskip("onnxruntime", reason="onnx/onnxruntime not installed (optional extra)")
+    pytest.importorskip("onnx")
+    train_final(config.from_dict({**CONFIG, "tta_flip": True}), tmp_path / "onnx", onnx=True)
+    loaded = load_model_file(tmp_path / "onnx")
+    x = torch.randn(5, *loaded.in_shape)
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = (loaded.model(x) + loaded.model(x.flip(3))) / 2
+    assert torch.allclose(torch.from_numpy(session.run(None, {"images": x.numpy()})[0]), expected, atol=1e-4)

@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from search import check, costs, objectives
+from search.config import RunConfig
 from search.cli import app
 from search.spec import SpecError, load_spec, spec_from_dict, spec_to_dict
 
@@ -97,9 +98,13 @@ def test_macs_of_a_small_network_are_the_hand_count():
 
 
 def test_latency_is_milliseconds_per_image_and_limits_are_optunas_constraints():
-    cfg = SimpleNamespace(model="convnet", model_params={"channels": [4], "padding": 1, "fc": [8]})
+    cfg = RunConfig(model="convnet", model_params={"channels": [4], "padding": 1, "fc": [8]})
     ms = costs.measure_latency_ms(cfg, (1, 8, 8), 3, "cpu", batch=8)
     assert 0 < ms < 100
+    spec = SimpleNamespace(objectives=[], max_latency_ms=None)
+    plain = costs.static_values(spec, cfg, (1, 8, 8), 3, "cpu")
+    flipped = costs.static_values(spec, cfg.replace(tta_flip=True), (1, 8, 8), 3, "cpu")
+    assert flipped == {**plain, "macs": 2 * plain["macs"]}  # a test-time flip is two passes an image
     spec = SimpleNamespace(limits=(("macs", 1000), ("latency_ms", 0.5)))
     assert costs.violations(spec, {"macs": 900, "latency_ms": 0.1}) == ([-100.0, -0.4], None)
     amounts, why = costs.violations(spec, {"macs": 1500, "latency_ms": 0.1})
