@@ -108,6 +108,16 @@ class PILImages(torch.utils.data.Dataset):
         return self.transform(self.images[i]), self.labels[i]
 
 
+def machine(device: torch.device) -> str:
+    """What the ratios depend on most: the CPU's vector units and whether precision auto gets bf16."""
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        where = f"CPU kernels {torch.backends.cpu.get_cpu_capability()}"
+    bf16 = engine.native_bf16(device)
+    return f"{where}; bf16 {'native: precision auto trains in bf16' if bf16 else 'not native: precision auto trains in fp32'}"
+
+
 def cifar_pil(zip_path: Path, train_x: torch.Tensor, class_names) -> tuple[tuple[list, list], list]:
     """The JPEGs decoded once with PIL: the images `train_x` holds (matched by their pixels, so
     both loops train on the same ones whatever order the folder loader reads), and the test set."""
@@ -181,7 +191,7 @@ def bench_cifar(args, device: torch.device) -> None:
     n_params = models.count_parameters(models.build_model(cfg, ds.in_shape, 10))
     print(f"{CIFAR_LABEL}, cifar_sixconv ({n_params:,} params), Adam 1e-3, flip, batch {cfg.batch_size}, "
           f"{len(ds.train_y):,} training images x {epochs} epochs, {args.rounds} rounds, device {device}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads; {machine(device)}")
     # round r trains every one from seed r: the rounds' accuracies are a spread over seeds, not one draw
     things = {"(a) DataLoader + PIL + torchvision transforms": lambda c: seed_loop_cifar(c, train, test, ds.mean,
                                                                                          ds.std, device),
@@ -268,7 +278,7 @@ def main() -> None:
     ds = datasets.dataset_for(cfg)  # loaded before timing, as a search worker has it cached
     print(f"MNIST, mnist_pool ({models.count_parameters(models.build_model(cfg, ds.in_shape, 10)):,} params), "
           f"Adam 1e-3, batch {cfg.batch_size}, {cfg.epochs} epoch(s), device {device}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads; {machine(device)}")
 
     # (b) as the search runs it (precision auto; CUDA graphs on a GPU), and in fp32 when auto
     # picked bf16, so the share of the speed-up that comes from bf16 is visible; (e) on a GPU,
