@@ -578,13 +578,18 @@ def launch(
 @app.command()
 @user_errors
 def status(name: Annotated[str, typer.Argument(help="Study name.")], storage: StorageOpt = None,
-           artifacts: ArtifactsOpt = None) -> None:
-    """Trials by state, the best so far, the final stage, what is running where, and disk use."""
+           artifacts: ArtifactsOpt = None,
+           workers: Annotated[Optional[int], typer.Option(
+               min=1, help="Workers to share what is left among in the pace line (default: the trials "
+                           "running now, at least 1).")] = None) -> None:
+    """Trials by state, the best so far, the final stage, what is running where, what is left at
+    the measured pace, and disk use."""
+    from search import pace
     from search import study as study_mod
     from search.storage import open_store
 
     store = open_store(storage, heartbeat_interval=None, create=False)
-    info = study_mod.summary(name, store)
+    info = study_mod.summary(name, store, workers)
     counts = ", ".join(f"{k.lower()} {v}" for k, v in sorted(info["counts"].items())) or "no trials"
     out.print(f"study {name}: {info['finished']}/{info['budget']} finished ({counts})")
     _print_best(info)
@@ -600,6 +605,8 @@ def status(name: Annotated[str, typer.Argument(help="Study name.")], storage: St
         if r["state"] == "RUNNING":
             out.print(f"  running: final {_job_name(r)} on {r['host']} {r['device']}, "
                       f"{r['epochs_done']} epochs done of {r['epochs']}", markup=False)
+    if info["projection"] is not None:
+        out.print(pace.line(info["projection"]), markup=False)
     _print_disk_use(name, store.url, artifacts)
 
 

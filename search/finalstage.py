@@ -521,6 +521,7 @@ def make_job(spec, *, device: str = "auto", on_epoch: Callable[[int, int, dict],
             trial.set_user_attr(key, value)
         started = time.perf_counter()
         dataset = datasets.dataset_for(cfg)
+        trial.set_user_attr("train_images", len(dataset.train_y))  # for the pace (search/pace.py)
         ds = datasets.to_device(dataset, resolved)
         test = attrs["role"] == "seed"
         reuse = attrs.get("reuse")
@@ -632,7 +633,7 @@ def results(parent: optuna.Study, spec, pick: int = 0) -> dict | None:
                 "seed": a.get("seed"), "test_acc": a.get("test_acc"), "n_params": a.get("n_params"),
                 "seconds": a.get("train_seconds"), "stop_reason": a.get("stop_reason"), "error": a.get("error"),
                 "model": a.get("model"), "epochs": a.get("epochs"), "history": a.get("history", []),
-                "epochs_done": len(t.intermediate_values),
+                "epochs_done": len(t.intermediate_values), "train_images": a.get("train_images"),
                 "reused_from": a.get("reused_from"), "params": dict(t.params), "host": a.get("host"),
                 "device": a.get("device"), "chosen": a.get("chosen")}
 

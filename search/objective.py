@@ -110,6 +110,10 @@ def make_objective(spec, *, device: str = "auto", on_epoch: EpochProgress | None
                 trial.set_user_attr(key, value)
             started = time.perf_counter()
             dataset = datasets.dataset_for(cfg)
+            # what `status` measures the pace on (search/pace.py): the images an epoch trains, and
+            # the images a final stage on the whole training set would
+            trial.set_user_attr("train_images", len(dataset.train_y))
+            trial.set_user_attr("train_images_all", dataset.train_all)
             if static:
                 measured = costs.static_values(spec, cfg, dataset.in_shape, dataset.num_classes, resolved)
                 for key, value in measured.items():
@@ -143,6 +147,8 @@ def make_objective(spec, *, device: str = "auto", on_epoch: EpochProgress | None
             trial.set_user_attr("stop_reason", "crashed")
             trial.set_user_attr("error", first_line(exc, with_type=True))
             raise
+        if len(result.history) > len(epoch_seconds):  # a diverged last epoch: not reported, trained all the same
+            epoch_seconds.append(round(result.history[-1]["seconds"], 3))
         trial.set_user_attr("epoch_seconds", epoch_seconds)
         trial.set_user_attr("train_seconds", round(time.perf_counter() - started, 3))
         trial.set_user_attr("stop_reason", result.stop_reason)

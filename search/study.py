@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 import optuna
 
 import search
-from search import check, finalstage, objectives, space
+from search import check, finalstage, objectives, pace, space
 from search import spec as spec_mod
 from search.errors import StudyError
 from search.storage import (UID_ATTR, Store, delete_study, live_trials, open_store, trials_by_state,
@@ -181,8 +181,9 @@ def list_studies(store: Store | str | None = None) -> list[dict]:
     return sorted(rows, key=lambda r: r["name"])
 
 
-def summary(name: str, store: Store | str | None = None) -> dict:
-    """Counts by state, the best trial, and the running trials with host, device and age."""
+def summary(name: str, store: Store | str | None = None, workers: int | None = None) -> dict:
+    """Counts by state, the best trial, the running trials with host, device and age, and what is
+    left at the measured pace (`pace.project`, shared among `workers`; default: those running)."""
     study, spec = load(name, store, heartbeat_interval=None, validate=False)
     counts = trials_by_state(study)
     now = datetime.now()
@@ -196,9 +197,11 @@ def summary(name: str, store: Store | str | None = None) -> dict:
     done = study.get_trials(deepcopy=False, states=states)
     best = objectives.best(done, spec.objectives)
     front = objectives.pareto_front(done, spec.objectives) if spec.multi else None
+    final = finalstage.results(study, spec)
     return {"name": name, "spec": spec, "counts": counts, "finished": counts.get("COMPLETE", 0)
             + counts.get("PRUNED", 0), "budget": spec.n_trials, "running": running,
-            "final": finalstage.results(study, spec),
+            "final": final,
+            "projection": pace.project(study.get_trials(deepcopy=False), spec, final, workers),
             "best": None if best is None else {"number": best.number,
                                                "value": objectives.learned_value(best, spec.objectives),
                                                "params": best.params, "user_attrs": best.user_attrs},

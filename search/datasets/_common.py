@@ -39,6 +39,7 @@ class Dataset:
     classes: tuple[str, ...]
     skipped: int = 0  # unreadable image files left out (folder datasets)
     skipped_line: str = ""  # one line saying how many and the first one why, for a warning; "" if none
+    train_all: int = 0  # training images before `subset` (what a run without one trains on)
 
     @property
     def in_shape(self) -> tuple[int, int, int]:
@@ -261,13 +262,14 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, downlo
     train_x, train_y, test_x, test_y, classes, *skipped = _RAW[raw_key]  # [skipped[, skipped_line]]
     train_x, train_y, val_x, val_y = split_val(train_x, train_y, val_fraction, val_seed)
     mean, std = info.stats or _channel_stats(train_x)
+    train_all = len(train_y)
     if subset is not None:
         if subset > len(train_y):
             raise DataError(f"subset: {subset} is more than the {len(train_y)} training images of {name}")
         keep = _stratified_pick(train_y, subset, val_seed)
         train_x, train_y = train_x[keep], train_y[keep]
     ds = Dataset(name, train_x, train_y, val_x, val_y, test_x, test_y, tuple(mean), tuple(std), tuple(classes),
-                 skipped=skipped[0] if skipped else 0, skipped_line=skipped[1] if len(skipped) > 1 else "")
+                 skipped=skipped[0] if skipped else 0, skipped_line=skipped[1] if len(skipped) > 1 else "", train_all=train_all)
     _DATASETS[key] = ds
     return ds
 
@@ -290,7 +292,7 @@ def to_device(ds: Dataset, device: torch.device | str) -> Dataset:
     if key not in _ON_DEVICE:
         moved = {f: getattr(ds, f).to(dev) for f in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")}
         _ON_DEVICE[key] = Dataset(ds.name, mean=ds.mean, std=ds.std, classes=ds.classes, skipped=ds.skipped,
-                                  skipped_line=ds.skipped_line,
+                                  skipped_line=ds.skipped_line, train_all=ds.train_all,
                                   **moved)
     return _ON_DEVICE[key]
 

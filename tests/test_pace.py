@@ -1,0 +1,107 @@
+"""What `status` says is left of a study at its measured pace (search/pace.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState, create_trial
+from typer.testing import CliRunner
+
+from search import pace
+from search import spec as spec_mod
+from search import study as study_mod
+from search.cli import app
+from search.worker import run_worker
+from studykit import tiny_study
+
+runner = CliRunner()
+FINAL = '[[enqueue]]\nlr = 3e-3\noptimizer = "adam"\n\n[final]\nfinalists = 2\nepochs = 4\nseeds = 2\n'
+
+
+def _spec(tmp_path, n_trials: int = 5, final: str = FINAL, subset: int | None = None) -> spec_mod.StudySpec:
+    path = tiny_study(tmp_path, name="p", n_trials=n_trials, pruner='name = "NopPruner"', enqueue=final)
+    if subset is not None:
+        path.write_text(path.read_text().replace('dataset = "synthetic"', f'dataset = "synthetic"\nsubset = {subset}'))
+    return spec_mod.load_spec(path)
+
+
+def _trial(state: TrialState, epoch_seconds: list[float], images: int | None = 100, images_all: int = 400):
+    attrs = {"epoch_seconds": epoch_seconds}
+    if images is not None:
+        attrs.update(train_images=images, train_images_all=images_all)
+    return create_trial(state=state, value=0.5 if state != TrialState.RUNNING else None, params={"lr": 1e-2},
+                        distributions={"lr": FloatDistribution(1e-6, 3e-2, log=True)}, user_attrs=attrs,
+                        intermediate_values={i: 0.5 for i in range(len(epoch_seconds))})
+
+
+def test_pace_is_images_over_seconds_and_what_is_left_is_shared_among_the_workers(tmp_path):
+    spec = _spec(tmp_path)  # 5 trials; final: 2 finalists and the start, 4 epochs, 2 seeds
+    # 100 images an epoch: 2 epochs in 2 s and 1 in 1 s -> 100 images/s; 1.5 epochs a trial
+    trials = [_trial(TrialState.COMPLETE, [1.0, 1.0]), _trial(TrialState.PRUNED, [1.0])]
+    one = pace.project(trials, spec, None, workers=1)
+    assert one.images_per_s == pytest.approx(100.0) and one.epochs_measured == 3
+    assert one.search_s == pytest.approx(3 * 1.5)  # 3 trials to go
+    # final stage, not started: 3 finalists x 4 epochs x 400 images (the whole training set), then
+    # 1 more seed run of 4 epochs: one worker does them one after the other
+    assert one.final_s == pytest.approx((3 * 4 * 400 + 4 * 400) / 100)
+    two = pace.project(trials, spec, None, workers=2)
+    assert two.search_s == pytest.approx(3 * 1.5 / 2)
+    assert two.final_s == pytest.approx(3 * 4 * 400 / 100 / 2 + 4 * 400 / 100)  # a lone seed run: 1 worker
+    # workers by default: the trials running now (here one, 1 epoch in, so 0.5 epoch left)
+    running = _trial(TrialState.RUNNING, [1.0])
+    by_default = pace.project([*trials, running], spec, None)
+    assert by_default.workers == 1 and by_default.search_s == pytest.approx((2 * 1.5 + 0.5) * 100 / 100)
+    assert "pace: 100 training images/s a worker (over 3 epochs)" in pace.line(one)
+    assert "search ~4 s, final stage ~64 s" in pace.line(one)
+
+
+def test_no_pace_without_a_finished_trial_that_recorded_its_images(tmp_path):
+    spec = _spec(tmp_path)
+    assert pace.project([], spec, None) is None
+    assert pace.project([_trial(TrialState.RUNNING, [1.0])], spec, None) is None
+    # trials stored before the images were recorded, or with no epoch trained (infeasible)
+    assert pace.project([_trial(TrialState.COMPLETE, [1.0], images=None)], spec, None) is None
+    assert pace.project([_trial(TrialState.PRUNED, [])], spec, None) is None
+    no_final = pace.project([_trial(TrialState.COMPLETE, [2.0])], _spec(tmp_path, final=""), None, workers=1)
+    assert no_final.final_s is None and "final stage" not in pace.line(no_final)
+
+
+def test_a_run_records_its_images_and_status_prints_the_pace(tmp_path):
+    spec = _spec(tmp_path, n_trials=3, subset=100,
+                 final='[[enqueue]]\nlr = 3e-3\noptimizer = "adam"\n\n[final]\nfinalists = 1\nepochs = 2\nseeds = 2\n')
+    url = f"sqlite:///{tmp_path}/p.db"
+    study_mod.create(spec, url)
+    run_worker("p", url, device="cpu", worker_index=0)
+    study, _ = study_mod.load("p", url, validate=False)
+    trials = study.get_trials()
+    # 400 synthetic images, 40 held out for validation: 360 to train on, the search's subset 100
+    assert {(t.user_attrs["train_images"], t.user_attrs["train_images_all"]) for t in trials} == {(100, 360)}
+    info = study_mod.summary("p", url)
+    final = info["final"]
+    assert final["done"] and all(r["train_images"] == 360 for r in final["all_finalists"] + final["seeds"])
+    done = info["projection"]
+    assert done.search_s == 0 and done.final_s == 0
+    status = runner.invoke(app, ["status", "p", "--storage", url, "--workers", "2"])
+    assert status.exit_code == 0, status.output
+    assert f"pace: {done.images_per_s:.0f} training images/s a worker" in status.output
+    assert "on 2 workers: search done, final stage done" in status.output
+    # the same trials with two more to run and no final stage yet: 2 x mean epochs x 100 images
+    bigger = dataclasses.replace(spec, n_trials=5)
+    left = pace.project(trials, bigger, None, workers=1)
+    epochs = sum(len(t.user_attrs["epoch_seconds"]) for t in trials) / len(trials)
+    assert left.search_s == pytest.approx(2 * epochs * 100 / left.images_per_s)
+    assert left.final_s == pytest.approx((2 * 2 * 360 + 2 * 360) / left.images_per_s)  # the trial and the start
+
+
+def test_status_refuses_a_workers_count_below_one(tmp_path):
+    spec = _spec(tmp_path)
+    url = f"sqlite:///{tmp_path}/p.db"
+    study_mod.create(spec, url)
+    before = [t.state for t in optuna.load_study(study_name="p", storage=url).trials]  # the enqueued start
+    for bad in ("0", "-2", "two"):
+        result = runner.invoke(app, ["status", "p", "--storage", url, "--workers", bad])
+        assert result.exit_code == 2 and "--workers" in result.output and "Traceback" not in result.output
+    assert [t.state for t in optuna.load_study(study_name="p", storage=url).trials] == before
