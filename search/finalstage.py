@@ -634,6 +634,7 @@ def results(parent: optuna.Study, spec, pick: int = 0) -> dict | None:
                 "seconds": a.get("train_seconds"), "stop_reason": a.get("stop_reason"), "error": a.get("error"),
                 "model": a.get("model"), "epochs": a.get("epochs"), "history": a.get("history", []),
                 "epochs_done": len(t.intermediate_values), "train_images": a.get("train_images"),
+                "continued_from": a.get("continued_from"), "resumed_from_epoch": a.get("resumed_from_epoch"),
                 "reused_from": a.get("reused_from"), "params": dict(t.params), "host": a.get("host"),
                 "device": a.get("device"), "chosen": a.get("chosen")}
 

@@ -1,8 +1,9 @@
 """How fast a study trains on its workers, and what is left of it at that pace (`cnnsearch status`).
 
-The pace is measured, never assumed: training images a second of one worker, over every epoch
-the study's finished search trials and final-stage jobs recorded (an epoch's seconds include its
-validation, so it is what an epoch costs end to end). The same six-conv CIFAR study trained 3x
+The pace is measured, never assumed: training images a second of one worker, over the study's
+finished search trials and final-stage jobs, from each one's start to its end (loading data,
+validation, checkpoints and the test included: what a trial costs, not only its epochs; on
+8x8 digits the epochs alone were a fifth of it, scripts/check_pace.py). The same six-conv CIFAR study trained 3x
 slower on a CPU without bf16 in hardware than on one with it (docs/results.md), so a budget sized
 on one machine says little on another: this is what `status` tells before the hours are spent.
 
@@ -34,18 +35,25 @@ class Projection:
     final_s: float | None  # seconds of final stage left; None: the study has no [final]
 
 
-def pace(records: Iterable[tuple[int, Sequence[float]]]) -> tuple[float, int] | None:
-    """(images a second, epochs) over (training images, epoch seconds) records; None without any.
+def pace(records: Iterable[tuple[int | None, int, float | None]]) -> tuple[float, int] | None:
+    """(images a second, epochs) over (training images an epoch, epochs, seconds) records, one a
+    trial; None without a usable one. A trial that trained no epoch still took its seconds.
 
-    >>> pace([(15000, [150.0, 148.0]), (15000, [152.0]), (0, [3.0])])
-    (100.0, 3)
+    >>> pace([(15000, 2, 310.0), (15000, 1, 160.0), (15000, 0, 30.0), (None, 3, 9.0)])
+    (90.0, 3)
     """
     images = seconds = 0.0
     epochs = 0
-    for n, secs in records:
+    for n, done, secs in records:
         if n and secs:
-            images, seconds, epochs = images + n * len(secs), seconds + sum(secs), epochs + len(secs)
-    return (images / seconds, epochs) if seconds > 0 else None
+            images, seconds, epochs = images + n * done, seconds + secs, epochs + done
+    return (images / seconds, epochs) if images > 0 else None
+
+
+def _wall(t: optuna.trial.FrozenTrial) -> float | None:
+    if t.datetime_start is None or t.datetime_complete is None:
+        return None
+    return (t.datetime_complete - t.datetime_start).total_seconds()
 
 
 def project(trials: Sequence[optuna.trial.FrozenTrial], spec, final: dict | None,
@@ -62,10 +70,14 @@ def project(trials: Sequence[optuna.trial.FrozenTrial], spec, final: dict | None
     sized = [t for t in ended if t.user_attrs.get("train_images")]
     if not sized:
         return None
-    records = [(t.user_attrs["train_images"], t.user_attrs.get("epoch_seconds") or ()) for t in sized]
+    # the epochs each trained itself: a retry's resumed epochs and a finalist's carried-on search
+    # epochs are in its history but not in its seconds; a reused seed run trained nothing
+    records = [(t.user_attrs["train_images"], len(t.user_attrs.get("epoch_seconds") or ())
+                - t.user_attrs.get("resumed_from_epoch", 0), _wall(t)) for t in sized]
     for row in (final["all_finalists"] + final["seeds"]) if final else ():
-        if row.get("reused_from") is None:  # a reused seed run holds its finalist's epochs again
-            records.append((row.get("train_images"), [h["seconds"] for h in row["history"] if "seconds" in h]))
+        if row.get("reused_from") is None:
+            carried = (row.get("continued_from") or {}).get("epoch", 0) + (row.get("resumed_from_epoch") or 0)
+            records.append((row.get("train_images"), len(row["history"]) - carried, row["seconds"]))
     measured = pace(records)
     if measured is None:
         return None

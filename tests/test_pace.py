@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from datetime import timedelta
 
 import optuna
 import pytest
@@ -28,13 +29,20 @@ def _spec(tmp_path, n_trials: int = 5, final: str = FINAL, subset: int | None = 
     return spec_mod.load_spec(path)
 
 
-def _trial(state: TrialState, epoch_seconds: list[float], images: int | None = 100, images_all: int = 400):
-    attrs = {"epoch_seconds": epoch_seconds}
+def _trial(state: TrialState, epoch_seconds: list[float], images: int | None = 100, images_all: int = 400,
+           wall: float | None = None, **attrs):
+    """A stored trial whose start and end are `wall` seconds apart (default: its epochs' seconds)."""
+    attrs["epoch_seconds"] = epoch_seconds
     if images is not None:
         attrs.update(train_images=images, train_images_all=images_all)
-    return create_trial(state=state, value=0.5 if state != TrialState.RUNNING else None, params={"lr": 1e-2},
-                        distributions={"lr": FloatDistribution(1e-6, 3e-2, log=True)}, user_attrs=attrs,
-                        intermediate_values={i: 0.5 for i in range(len(epoch_seconds))})
+    t = create_trial(state=state, value=0.5 if state != TrialState.RUNNING else None, params={"lr": 1e-2},
+                     distributions={"lr": FloatDistribution(1e-6, 3e-2, log=True)}, user_attrs=attrs,
+                     intermediate_values={i: 0.5 for i in range(len(epoch_seconds))})
+    if state == TrialState.RUNNING:
+        t.datetime_complete = None
+    else:
+        t.datetime_start = t.datetime_complete - timedelta(seconds=sum(epoch_seconds) if wall is None else wall)
+    return t
 
 
 def test_pace_is_images_over_seconds_and_what_is_left_is_shared_among_the_workers(tmp_path):
@@ -58,13 +66,26 @@ def test_pace_is_images_over_seconds_and_what_is_left_is_shared_among_the_worker
     assert "search ~4 s, final stage ~64 s" in pace.line(one)
 
 
+def test_the_pace_counts_a_trials_whole_time_and_only_the_epochs_it_trained_itself(tmp_path):
+    spec = _spec(tmp_path)
+    # 2 epochs of 100 images in 4 s from start to end (data loading, checkpoints): 50 images/s
+    assert pace.project([_trial(TrialState.COMPLETE, [1.0, 1.0], wall=4.0)], spec, None).images_per_s == 50
+    # a trial that trained nothing (infeasible) still took its time
+    mixed = [_trial(TrialState.COMPLETE, [1.0, 1.0]), _trial(TrialState.PRUNED, [], wall=2.0)]
+    assert pace.project(mixed, spec, None).images_per_s == 50
+    # a retry that resumed at epoch 2 trained 1 of its 3 epochs in its 1 s
+    retry = _trial(TrialState.COMPLETE, [1.0, 1.0, 1.0], wall=1.0, resumed_from_epoch=2)
+    measured = pace.project([retry], spec, None)
+    assert measured.images_per_s == 100 and measured.epochs_measured == 1
+
+
 def test_no_pace_without_a_finished_trial_that_recorded_its_images(tmp_path):
     spec = _spec(tmp_path)
     assert pace.project([], spec, None) is None
     assert pace.project([_trial(TrialState.RUNNING, [1.0])], spec, None) is None
     # trials stored before the images were recorded, or with no epoch trained (infeasible)
     assert pace.project([_trial(TrialState.COMPLETE, [1.0], images=None)], spec, None) is None
-    assert pace.project([_trial(TrialState.PRUNED, [])], spec, None) is None
+    assert pace.project([_trial(TrialState.PRUNED, [], wall=3.0)], spec, None) is None
     no_final = pace.project([_trial(TrialState.COMPLETE, [2.0])], _spec(tmp_path, final=""), None, workers=1)
     assert no_final.final_s is None and "final stage" not in pace.line(no_final)
 

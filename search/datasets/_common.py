@@ -269,7 +269,8 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, downlo
         keep = _stratified_pick(train_y, subset, val_seed)
         train_x, train_y = train_x[keep], train_y[keep]
     ds = Dataset(name, train_x, train_y, val_x, val_y, test_x, test_y, tuple(mean), tuple(std), tuple(classes),
-                 skipped=skipped[0] if skipped else 0, skipped_line=skipped[1] if len(skipped) > 1 else "", train_all=train_all)
+                 skipped=skipped[0] if skipped else 0, skipped_line=skipped[1] if len(skipped) > 1 else "",
+                 train_all=train_all)
     _DATASETS[key] = ds
     return ds
 

@@ -1,0 +1,68 @@
+"""How good is the time left that `cnnsearch status` prints (search/pace.py)? Run a study to its end
+and compare, at each look, what status said was left with what was left in fact.
+
+Creates the study in a temporary SQLite file (`cnnsearch create`, --set overrides as given),
+starts `cnnsearch launch --cpus WORKERS` on it, and every --every seconds asks `study.summary`
+(what status prints) for its projection, search and final stage together. When the launch ends,
+prints each look: seconds since the start, projected seconds left, the seconds that were in fact
+left, and their ratio; then the median ratio over the looks.
+
+    .venv/bin/python scripts/check_pace.py studies/mnist_pooling.toml --workers 2 --every 20 \\
+        --set data.data_dir=../shared/datasets/mnist --set study.n_trials=8 --set data.subset=5000 \\
+        --set fixed.epochs=3 --set final.epochs=3 --set final.finalists=1 --set final.seeds=2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from search import study as study_mod
+
+CLI = [str(Path(sys.executable).with_name("cnnsearch"))]  # the environment's own command
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("study", help="a study file")
+    parser.add_argument("--workers", type=int, default=2, help="launch --cpus N")
+    parser.add_argument("--every", type=float, default=20.0, help="seconds between looks")
+    parser.add_argument("--set", action="append", default=[], help="as for cnnsearch create")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        name = "pace_check"
+        url = f"sqlite:///{tmp}/pace.db"
+        sets = [x for s in [f"study.name={name}", *args.set] for x in ("--set", s)]
+        subprocess.run([*CLI, "create", args.study, "--storage", url, *sets], check=True)
+        start = time.monotonic()
+        launch = subprocess.Popen([*CLI, "launch", name, "--storage", url, "--cpus", str(args.workers),
+                                   "--log-dir", f"{tmp}/logs"], stdout=subprocess.DEVNULL)
+        looks: list[tuple[float, float, str]] = []
+        while launch.poll() is None:
+            time.sleep(args.every)
+            p = study_mod.summary(name, url, args.workers)["projection"]
+            if p is not None and launch.poll() is None:
+                left = p.search_s + (p.final_s or 0.0)
+                looks.append((time.monotonic() - start, left, f"{p.images_per_s:.0f} images/s"))
+                print(f"  {looks[-1][0]:6.0f} s: status says {left:7.0f} s left ({looks[-1][2]})", flush=True)
+        end = time.monotonic() - start
+        if launch.returncode != 0:
+            sys.exit(f"launch exited with {launch.returncode}")
+    print(f"the study took {end:.0f} s (search and final stage, {args.workers} workers)")
+    print(f"{'at':>8} {'said left':>10} {'was left':>10} {'said/was':>9}")
+    ratios = []
+    for at, said, _ in looks:
+        was = end - at
+        ratios.append(said / was)
+        print(f"{at:7.0f}s {said:9.0f}s {was:9.0f}s {ratios[-1]:8.2f}x")
+    if ratios:
+        print(f"median said/was over {len(ratios)} looks: {statistics.median(ratios):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
