@@ -2,10 +2,13 @@
 
 The pace is measured, never assumed: training images a second of one worker, over the study's
 finished search trials and final-stage jobs, from each one's start to its end (loading data,
-validation, checkpoints and the test included: what a trial costs, not only its epochs; on
-8x8 digits the epochs alone were a fifth of it, scripts/check_pace.py). The same six-conv CIFAR study trained 3x
-slower on a CPU without bf16 in hardware than on one with it (docs/results.md), so a budget sized
-on one machine says little on another: this is what `status` tells before the hours are spent.
+validation, checkpoints and the test included: what a trial costs, not only its epochs; on 8x8
+digits the epochs alone were a fifth of it, scripts/check_pace.py). The same six-conv CIFAR
+study trained 3x slower on a CPU without bf16 in hardware than on one with it (docs/results.md),
+so a budget sized on one machine says little on another: `status` tells it before the hours go.
+Validation costs the same each epoch whatever the training images, so a pace taken on a small
+search subset understates the final stage's: the time left is then an upper bound (2.79x on the
+MNIST check in docs/results.md).
 
 What is left: the search's trials not yet finished, each at the mean number of epochs the
 finished ones trained (pruning included), and the final stage's jobs at its epochs on its
