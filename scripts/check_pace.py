@@ -3,9 +3,11 @@ and compare, at each look, what status said was left with what was left in fact.
 
 Creates the study in a temporary SQLite file (`cnnsearch create`, --set overrides as given),
 starts `cnnsearch launch --cpus WORKERS` on it, and every --every seconds asks `study.summary`
-(what status prints) for its projection, search and final stage together. When the launch ends,
-prints each look: seconds since the start, projected seconds left, the seconds that were in fact
-left, and their ratio; then the median ratio over the looks.
+(what status prints) for its projection, search and final stage together, and beside it the
+same projection at one rate over whole jobs (`split=False`: what status printed before training,
+validation and the rest were timed apart). When the launch ends, prints each look: seconds since
+the start, both projections, the seconds that were in fact left, and the ratios; then the median
+ratios over the looks.
 
     .venv/bin/python scripts/check_pace.py studies/mnist_pooling.toml --workers 2 --every 20 \\
         --set data.data_dir=../shared/datasets/mnist --set study.n_trials=8 --set data.subset=5000 \\
@@ -22,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from search import pace
 from search import study as study_mod
 
 CLI = [str(Path(sys.executable).with_name("cnnsearch"))]  # the environment's own command
@@ -42,27 +45,35 @@ def main() -> None:
         start = time.monotonic()
         launch = subprocess.Popen([*CLI, "launch", name, "--storage", url, "--cpus", str(args.workers),
                                    "--log-dir", f"{tmp}/logs"], stdout=subprocess.DEVNULL)
-        looks: list[tuple[float, float, str]] = []
+        looks: list[tuple[float, float, float, str]] = []
         while launch.poll() is None:
             time.sleep(args.every)
-            p = study_mod.summary(name, url, args.workers)["projection"]
+            info = study_mod.summary(name, url, args.workers)
+            p = info["projection"]
             if p is not None and launch.poll() is None:
-                left = p.search_s + (p.final_s or 0.0)
-                looks.append((time.monotonic() - start, left, f"{p.images_per_s:.0f} images/s"))
-                print(f"  {looks[-1][0]:6.0f} s: status says {left:7.0f} s left ({looks[-1][2]})", flush=True)
+                study, spec = study_mod.load(name, url, heartbeat_interval=None, validate=False)
+                whole = pace.project(study.get_trials(deepcopy=False), spec, info["final"], args.workers, split=False)
+                left, left_whole = (x.search_s + (x.final_s or 0.0) for x in (p, whole))
+                m = p.pace
+                looks.append((time.monotonic() - start, left, left_whole,
+                              f"{m.images_per_s:.0f} images/s, validation {m.val_s:.1f} s an epoch, "
+                              f"{m.other_s:.1f} s a job besides; whole jobs {whole.pace.images_per_s:.0f} images/s"))
+                print(f"  {looks[-1][0]:6.0f} s: status says {left:7.0f} s left, one rate {left_whole:7.0f} s "
+                      f"({looks[-1][3]})", flush=True)
         end = time.monotonic() - start
         if launch.returncode != 0:
             sys.exit(f"launch exited with {launch.returncode}")
     print(f"the study took {end:.0f} s (search and final stage, {args.workers} workers)")
-    print(f"{'at':>8} {'said left':>10} {'was left':>10} {'said/was':>9}")
-    ratios = []
-    for at, said, _ in looks:
+    print(f"{'at':>8} {'was left':>9} {'status':>9} {'said/was':>9} {'one rate':>9} {'said/was':>9}")
+    ratios, ratios_whole = [], []
+    for at, said, said_whole, _ in looks:
         was = end - at
         ratios.append(said / was)
-        print(f"{at:7.0f}s {said:9.0f}s {was:9.0f}s {ratios[-1]:8.2f}x")
+        ratios_whole.append(said_whole / was)
+        print(f"{at:7.0f}s {was:8.0f}s {said:8.0f}s {ratios[-1]:8.2f}x {said_whole:8.0f}s {ratios_whole[-1]:8.2f}x")
     if ratios:
-        print(f"median said/was over {len(ratios)} looks: {statistics.median(ratios):.2f}x")
-
+        print(f"median said/was over {len(ratios)} looks: status {statistics.median(ratios):.2f}x, "
+              f"one rate over whole jobs {statistics.median(ratios_whole):.2f}x")
 
 if __name__ == "__main__":
     main()

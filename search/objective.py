@@ -71,10 +71,16 @@ def make_objective(spec, *, device: str = "auto", on_epoch: EpochProgress | None
             trial.set_user_attr("stop_reason", "over budget: another worker took the last slot")
             raise OverBudget(f"study budget of {spec.n_trials} trials already taken")
         epoch_seconds: list[float] = []
+        train_seconds: list[float] = []  # the training part of each epoch's seconds (search/pace.py)
         curve: list[float] = []
+
+        def keep_seconds() -> None:
+            trial.set_user_attr("epoch_seconds", epoch_seconds)
+            trial.set_user_attr("epoch_train_seconds", train_seconds)
 
         def report(epoch: int, m: dict, save: bool = True) -> None:
             epoch_seconds.append(round(m["seconds"], 3))
+            train_seconds.append(round(m.get("train_seconds", m["seconds"]), 3))
             if multi:
                 curve.append(m[metric])
                 trial.set_user_attr("curve", curve)
@@ -85,14 +91,14 @@ def make_objective(spec, *, device: str = "auto", on_epoch: EpochProgress | None
             if on_epoch is not None:
                 on_epoch(trial.number, epoch, m)
             if not multi and trial.should_prune():
-                trial.set_user_attr("epoch_seconds", epoch_seconds)
+                keep_seconds()
                 trial.set_user_attr("stop_reason", f"pruned after epoch {epoch + 1}")  # shown: from 1
                 raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} at {metric} {m[metric]:.4f}")
             poor = by_size and warmup <= epoch < cfg.epochs - 1 and poor_for_its_size(  # a trained one is kept
                 m[metric], epoch, measured["n_params"],
                 trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)), goal, min_peers)
             if poor:
-                trial.set_user_attr("epoch_seconds", epoch_seconds)
+                keep_seconds()
                 why = (f"pruned after epoch {epoch + 1}: {metric} {m[metric]:.4f}, worse than the median "
                        f"{poor[0]:.4f} of {poor[1]} trials of similar size")
                 trial.set_user_attr("stop_reason", why)
@@ -148,8 +154,10 @@ def make_objective(spec, *, device: str = "auto", on_epoch: EpochProgress | None
             trial.set_user_attr("error", first_line(exc, with_type=True))
             raise
         if len(result.history) > len(epoch_seconds):  # a diverged last epoch: not reported, trained all the same
-            epoch_seconds.append(round(result.history[-1]["seconds"], 3))
-        trial.set_user_attr("epoch_seconds", epoch_seconds)
+            last = result.history[-1]
+            epoch_seconds.append(round(last["seconds"], 3))
+            train_seconds.append(round(last.get("train_seconds", last["seconds"]), 3))
+        keep_seconds()
         trial.set_user_attr("train_seconds", round(time.perf_counter() - started, 3))
         trial.set_user_attr("stop_reason", result.stop_reason)
         if result.stop_reason != "finished":

@@ -30,9 +30,11 @@ def _spec(tmp_path, n_trials: int = 5, final: str = FINAL, subset: int | None = 
 
 
 def _trial(state: TrialState, epoch_seconds: list[float], images: int | None = 100, images_all: int = 400,
-           wall: float | None = None, **attrs):
-    """A stored trial whose start and end are `wall` seconds apart (default: its epochs' seconds)."""
+           wall: float | None = None, train_seconds: list[float] | None = None, **attrs):
+    """A stored trial whose start and end are `wall` seconds apart (default: its epochs' seconds),
+    training `train_seconds` of each epoch's (default: all of it)."""
     attrs["epoch_seconds"] = epoch_seconds
+    attrs["epoch_train_seconds"] = epoch_seconds if train_seconds is None else train_seconds
     if images is not None:
         attrs.update(train_images=images, train_images_all=images_all)
     t = create_trial(state=state, value=0.5 if state != TrialState.RUNNING else None, params={"lr": 1e-2},
@@ -50,7 +52,7 @@ def test_pace_is_images_over_seconds_and_what_is_left_is_shared_among_the_worker
     # 100 images an epoch: 2 epochs in 2 s and 1 in 1 s -> 100 images/s; 1.5 epochs a trial
     trials = [_trial(TrialState.COMPLETE, [1.0, 1.0]), _trial(TrialState.PRUNED, [1.0])]
     one = pace.project(trials, spec, None, workers=1)
-    assert one.images_per_s == pytest.approx(100.0) and one.epochs_measured == 3
+    assert one.pace.images_per_s == pytest.approx(100.0) and one.pace.epochs == 3
     assert one.search_s == pytest.approx(3 * 1.5)  # 3 trials to go
     # final stage, not started: 3 finalists x 4 epochs x 400 images (the whole training set), then
     # 1 more seed run of 4 epochs: one worker does them one after the other
@@ -69,14 +71,39 @@ def test_pace_is_images_over_seconds_and_what_is_left_is_shared_among_the_worker
 def test_the_pace_counts_a_trials_whole_time_and_only_the_epochs_it_trained_itself(tmp_path):
     spec = _spec(tmp_path)
     # 2 epochs of 100 images in 4 s from start to end (data loading, checkpoints): 50 images/s
-    assert pace.project([_trial(TrialState.COMPLETE, [1.0, 1.0], wall=4.0)], spec, None).images_per_s == 50
+    # 2 epochs of 100 images in 2 s, in 4 s from start to end: 2 s a job besides (data loading)
+    measured = pace.project([_trial(TrialState.COMPLETE, [1.0, 1.0], wall=4.0)], spec, None, workers=1)
+    assert measured.pace == pace.Pace(images_per_s=100, val_s=0, other_s=2, epochs=2)
+    assert measured.search_s == pytest.approx(4 * (2 * 1 + 2))  # 4 trials to go, each as this one
     # a trial that trained nothing (infeasible) still took its time
     mixed = [_trial(TrialState.COMPLETE, [1.0, 1.0]), _trial(TrialState.PRUNED, [], wall=2.0)]
-    assert pace.project(mixed, spec, None).images_per_s == 50
+    assert pace.project(mixed, spec, None).pace == pace.Pace(images_per_s=100, val_s=0, other_s=1, epochs=2)
     # a retry that resumed at epoch 2 trained 1 of its 3 epochs in its 1 s
     retry = _trial(TrialState.COMPLETE, [1.0, 1.0, 1.0], wall=1.0, resumed_from_epoch=2)
     measured = pace.project([retry], spec, None)
-    assert measured.images_per_s == 100 and measured.epochs_measured == 1
+    assert measured.pace.images_per_s == 100 and measured.pace.epochs == 1
+    # trials stored before the training seconds were: their whole time counts as training
+    old = _trial(TrialState.COMPLETE, [1.0, 1.0], wall=4.0)
+    del old.user_attrs["epoch_train_seconds"]
+    assert pace.project([old], spec, None).pace == pace.Pace(images_per_s=50, val_s=0, other_s=0, epochs=2)
+
+
+def test_validation_is_timed_apart_so_a_small_search_subset_does_not_slow_the_final_stage(tmp_path):
+    # The MNIST check in docs/results.md: on a small subset a search epoch validated as long as it
+    # trained, and one rate over whole epochs made the final stage on 4x the images look 2x too slow.
+    spec = _spec(tmp_path)  # final stage on 400 images an epoch, 4 epochs, 3 finalists + 1 seed run
+    trials = [_trial(TrialState.COMPLETE, [2.0, 2.0], train_seconds=[1.0, 1.0], wall=5.0)]
+    measured = pace.project(trials, spec, None, workers=1)
+    assert measured.pace == pace.Pace(images_per_s=100, val_s=1, other_s=1, epochs=2)
+    per_job = 4 * (400 / 100 + 1) + 1  # 4 epochs of 4 s training and 1 s validating, 1 s besides
+    assert measured.final_s == pytest.approx(4 * per_job)
+    assert measured.search_s == pytest.approx(4 * 5)  # 4 trials as this one: its 5 s
+    assert "validation 1.0 s an epoch, 1 s a job besides (over 2 epochs)" in pace.line(measured)
+    # a finalist running: 1 of its 4 epochs done, and no cost besides its epochs left to pay
+    final = {"all_finalists": [{"state": "RUNNING", "epochs": 4, "epochs_done": 1, "history": [],
+                                "seconds": None, "train_images": 400}],
+             "seeds": [], "chosen": None, "done": False}
+    assert pace.project(trials, spec, final, workers=1).final_s == pytest.approx(3 * 5 + per_job)
 
 
 def test_no_pace_without_a_finished_trial_that_recorded_its_images(tmp_path):
@@ -107,14 +134,18 @@ def test_a_run_records_its_images_and_status_prints_the_pace(tmp_path):
     assert done.search_s == 0 and done.final_s == 0
     status = runner.invoke(app, ["status", "p", "--storage", url, "--workers", "2"])
     assert status.exit_code == 0, status.output
-    assert f"pace: {done.images_per_s:.0f} training images/s a worker" in status.output
+    assert f"pace: {done.pace.images_per_s:.0f} training images/s a worker" in status.output
     assert "on 2 workers: search done, final stage done" in status.output
     # the same trials with two more to run and no final stage yet: 2 x mean epochs x 100 images
     bigger = dataclasses.replace(spec, n_trials=5)
     left = pace.project(trials, bigger, None, workers=1)
+    m = left.pace
+    assert all(len(t.user_attrs["epoch_train_seconds"]) == len(t.user_attrs["epoch_seconds"]) for t in trials)
+    assert m.val_s > 0 and m.other_s > 0
     epochs = sum(len(t.user_attrs["epoch_seconds"]) for t in trials) / len(trials)
-    assert left.search_s == pytest.approx(2 * epochs * 100 / left.images_per_s)
-    assert left.final_s == pytest.approx((2 * 2 * 360 + 2 * 360) / left.images_per_s)  # the trial and the start
+    assert left.search_s == pytest.approx(2 * (epochs * (100 / m.images_per_s + m.val_s) + m.other_s))
+    # the trial and the start, then one more seed run
+    assert left.final_s == pytest.approx(3 * (2 * (360 / m.images_per_s + m.val_s) + m.other_s))
 
 
 def test_status_refuses_a_workers_count_below_one(tmp_path):
