@@ -5,6 +5,8 @@
 (b) `fit`: the same network, optimizer (Adam 1e-3), batch size, epochs and training images,
     with the dataset held on the device as uint8;
 (c) with --compile: `fit` with `compile = true` (torch.compile, inductor);
+(d) CIFAR-10, where precision auto trains in bf16: `fit` in fp32, since whether bf16 pays
+    depends on the chip (AMX, or AVX512-BF16 alone), not only on its flags;
 (e) on a GPU: `fit` with `cuda_graph = false`, each step's kernels launched one by one.
 MNIST (the default): all 60,000 training images, --epochs times each, scored on the 10,000 test
 images. The runs alternate epoch by epoch (a b e a b e ...: one round is one epoch of each), so
@@ -198,6 +200,8 @@ def bench_cifar(args, device: torch.device) -> None:
               f"(b) fit, precision {cfg.precision}": lambda c: fit_cifar(c, ds)}
     if args.compile is not False:
         things[f"(c) fit, precision {cfg.precision}, compile"] = lambda c: fit_cifar(c.replace(compile=True), ds)
+    if engine.uses_bf16(cfg.precision, device):  # whether bf16 pays depends on the chip, not only its flags
+        things["(d) fit, precision fp32"] = lambda c: fit_cifar(c.replace(precision="fp32"), ds)
     runs: dict[str, list[dict]] = {label: [] for label in things}
     for r in range(args.rounds):
         for label, run in things.items():
@@ -213,8 +217,13 @@ def bench_cifar(args, device: torch.device) -> None:
               f"{ratio:.2f}x the seed loop (median ratio)   {CIFAR_LABEL} test acc "
               f"{statistics.median(m['acc'] for m in ms):.2%}")
     print_accuracy(runs)
-    if len(runs) == 3:
-        eager, compiled = (runs[label] for label in list(runs)[1:])
+    by = {label[:3]: ms for label, ms in runs.items()}
+    if "(d)" in by:
+        ratios = [b["rate"] / d["rate"] for b, d in zip(by["(b)"], by["(d)"])]
+        print(f"(b) bf16 / (d) fp32 by round: {', '.join(f'{r:.2f}x' for r in ratios)}; "
+              f"median {statistics.median(ratios):.2f}x")
+    if "(c)" in by:
+        eager, compiled = by["(b)"], by["(c)"]
         # (c) against (b) of the same round: a shared CPU's load shifts between rounds, not within one
         ratios = [c["rate"] / e["rate"] for e, c in zip(eager, compiled)]
         print(f"(c)/(b) by round: {', '.join(f'{r:.2f}x' for r in ratios)}; median {statistics.median(ratios):.2f}x")
