@@ -46,10 +46,16 @@ class Pace:
     other_s: float  # seconds a job costs besides its epochs
     epochs: int  # the epochs that pace is taken over
 
-    def job(self, epochs: float, images: float, started: bool = False) -> float:
-        """Seconds for `epochs` epochs on `images` training images; a job not yet `started` also
+    def job(self, epochs: float, images: float, started: bool = False, rate: float | None = None) -> float:
+        """Seconds for `epochs` epochs on `images` training images, at `rate` images a second where
+        its configuration measured one (default: the study's pace); a job not yet `started` also
         pays its costs besides the epochs."""
-        return epochs * (images / self.images_per_s + self.val_s) + (0.0 if started else self.other_s)
+        return epochs * (images / (rate or self.images_per_s) + self.val_s) + (0.0 if started else self.other_s)
+
+
+def _rate(r: Record) -> float | None:
+    """The training images a second one job measured, if it trained."""
+    return r.images * r.epochs / r.train_s if r.images and r.epochs and r.train_s else None
 
 
 @dataclass(frozen=True)
@@ -129,6 +135,8 @@ def project(trials: Sequence[optuna.trial.FrozenTrial], spec, final: dict | None
     if not sized:
         return None
     records = [_trial_record(t) for t in sized]
+    # a final job trains its own configuration: a width-2 net at a third of a width-1 net's pace
+    rates = {t.number: _rate(r) for t, r in zip(sized, records)}
     for row in (final["all_finalists"] + final["seeds"]) if final else ():
         if row.get("reused_from") is None:  # a reused seed run trained nothing
             records.append(_final_record(row))
@@ -154,8 +162,16 @@ def project(trials: Sequence[optuna.trial.FrozenTrial], spec, final: dict | None
         picks = max(1, len(spec.final.picks))
         per_job = spec.final.epochs
 
+        by_number = {r["number"]: r for r in final["all_finalists"]} if final else {}
+
+        def rate(row: dict) -> float | None:
+            """Its own epochs' pace, else that of the search trial it trains (a seed run: its finalist's)."""
+            own = _rate(_final_record(row)) if row.get("history") else None
+            source = by_number.get(row.get("chosen")) if row.get("source_trial") is None else None
+            return own or (rate(source) if source else rates.get(row.get("source_trial")))
+
         def left(rows: list[dict]) -> list[float]:
-            return [measured.job((r["epochs"] or per_job) - r["epochs_done"], images, r["state"] == "RUNNING")
+            return [measured.job((r["epochs"] or per_job) - r["epochs_done"], images, r["state"] == "RUNNING", rate(r))
                     for r in rows if r["state"] in ("RUNNING", "WAITING") and (r["epochs"] or per_job) > r["epochs_done"]]
 
         if final is None:  # not started: every finalist (the starts may turn out to be among them)
@@ -163,7 +179,9 @@ def project(trials: Sequence[optuna.trial.FrozenTrial], spec, final: dict | None
         else:
             finalists = left(final["all_finalists"])
         if final is None or final["chosen"] is None:  # the chosen one's own run is its first seed
-            seeds = [measured.job(per_job, images)] * ((spec.final.seeds - 1) * picks)
+            # which finalist it will be is not known yet: one at their mean time
+            each = [measured.job(per_job, images, rate=rate(r)) for r in by_number.values()]
+            seeds = [statistics.fmean(each) if each else measured.job(per_job, images)] * ((spec.final.seeds - 1) * picks)
         else:
             seeds = left(final["seeds"])
         final_s = 0.0 if final is not None and final["done"] else _shared(finalists, n) + _shared(seeds, n)
@@ -171,8 +189,13 @@ def project(trials: Sequence[optuna.trial.FrozenTrial], spec, final: dict | None
 
 
 def _shared(jobs: list[float], workers: int) -> float:
-    """Seconds for jobs of these many seconds each, at most `workers` at once."""
-    return sum(jobs) / min(workers, len(jobs)) if jobs else 0.0
+    """Seconds for jobs of these many seconds each, at most `workers` at once; a job is not
+    shared, so never less than the longest.
+
+    >>> _shared([10.0, 10.0, 10.0, 10.0], 2), _shared([30.0, 5.0, 5.0], 2), _shared([], 2)
+    (20.0, 30.0, 0.0)
+    """
+    return max(sum(jobs) / min(workers, len(jobs)), max(jobs)) if jobs else 0.0
 
 
 def duration(seconds: float) -> str:

@@ -100,8 +100,8 @@ def test_validation_is_timed_apart_so_a_small_search_subset_does_not_slow_the_fi
     assert measured.search_s == pytest.approx(4 * 5)  # 4 trials as this one: its 5 s
     assert "validation 1.0 s an epoch, 1 s a job besides (over 2 epochs)" in pace.line(measured)
     # a finalist running: 1 of its 4 epochs done, and no cost besides its epochs left to pay
-    final = {"all_finalists": [{"state": "RUNNING", "epochs": 4, "epochs_done": 1, "history": [],
-                                "seconds": None, "train_images": 400}],
+    final = {"all_finalists": [{"number": 0, "state": "RUNNING", "epochs": 4, "epochs_done": 1, "history": [],
+                                "seconds": None, "train_images": 400, "source_trial": None}],
              "seeds": [], "chosen": None, "done": False}
     assert pace.project(trials, spec, final, workers=1).final_s == pytest.approx(3 * 5 + per_job)
 
@@ -115,6 +115,39 @@ def test_no_pace_without_a_finished_trial_that_recorded_its_images(tmp_path):
     assert pace.project([_trial(TrialState.PRUNED, [], wall=3.0)], spec, None) is None
     no_final = pace.project([_trial(TrialState.COMPLETE, [2.0])], _spec(tmp_path, final=""), None, workers=1)
     assert no_final.final_s is None and "final stage" not in pace.line(no_final)
+
+
+def test_each_final_job_is_timed_at_the_pace_its_own_configuration_measured(tmp_path):
+    # a wide net trains at a third of a narrow one's pace: the study's mean would fit neither
+    spec = _spec(tmp_path)  # 4 final epochs on 400 images, 2 seeds
+    narrow, wide = (_trial(TrialState.COMPLETE, [s, s], train_seconds=[s, s]) for s in (1.0, 3.0))
+    narrow.number, wide.number = 0, 1
+    measured = pace.project([narrow, wide], spec, None, workers=1)
+    assert measured.pace.images_per_s == pytest.approx(50)  # 4 epochs of 100 images in 8 s
+
+    def row(number, source, state, done=0, history=(), chosen=None):
+        return {"number": number, "source_trial": source, "state": state, "epochs": 4, "epochs_done": done,
+                "history": list(history), "seconds": None, "train_images": 400, "chosen": chosen}
+
+    # the wide one's finalist, 1 epoch in at its own pace (400 images in 12 s); the narrow one's waiting
+    final = {"all_finalists": [row(0, 1, "RUNNING", 1, [{"train_seconds": 12.0, "seconds": 12.0}]),
+                               row(1, 0, "WAITING")], "seeds": [], "chosen": None, "done": False}
+    left = pace.project([narrow, wide], spec, final, workers=1)
+    wide_job, narrow_job = 4 * 400 / 100 * 3, 4 * 400 / 100  # 48 s and 16 s for 4 epochs
+    # finalists: 3 epochs of the wide one and the narrow one; one seed run, of which one not known yet
+    assert left.final_s == pytest.approx(wide_job * 3 / 4 + narrow_job + (wide_job + narrow_job) / 2)
+    # on 2 workers the finalists take as long as the wide one alone: a job is not shared
+    assert pace.project([narrow, wide], spec, final, workers=2).final_s == pytest.approx(
+        wide_job * 3 / 4 + (wide_job + narrow_job) / 2)
+    # the wide one chosen: its seed run (source trial 1) at the wide pace
+    final.update(chosen=final["all_finalists"][0], seeds=[row(2, 1, "WAITING", chosen=0)])
+    final["all_finalists"][0].update(state="COMPLETE", epochs_done=4)
+    final["all_finalists"][1].update(state="COMPLETE", epochs_done=4)
+    assert pace.project([narrow, wide], spec, final, workers=1).final_s == pytest.approx(wide_job)
+    # a start that is no search trial: its seed run at its finalist's pace
+    final["all_finalists"][0]["source_trial"] = None
+    final["seeds"] = [row(2, None, "WAITING", chosen=0)]
+    assert pace.project([narrow, wide], spec, final, workers=1).final_s == pytest.approx(wide_job)
 
 
 def test_a_run_records_its_images_and_status_prints_the_pace(tmp_path):
