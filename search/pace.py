@@ -11,10 +11,11 @@ than on one with it, so a budget sized on one machine says little on another: `s
 before the hours go.
 
 What is left: the search's trials not yet finished, each at the mean number of epochs the
-finished ones trained (pruning included), and the final stage's jobs at its epochs on its
-images, finalists first, then the chosen one's seed runs; each part shared among at most
-`workers` at once. An estimate: a trial's speed varies with its batch size and width, and a
-worker alone on free cores trains faster (search/cores.py).
+finished ones trained (pruning included), at the study's pace, and the final stage's jobs at
+its epochs on its images, finalists first, then the chosen one's seed runs, each at the pace of
+the search trial whose configuration it trains (width and batch size move it 3x); each part
+shared among at most `workers` at once. An estimate: a worker alone on free cores trains faster
+(search/cores.py).
 """
 
 from __future__ import annotations
