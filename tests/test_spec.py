@@ -46,6 +46,24 @@ def test_shipped_study_loads_and_round_trips_through_json(path, monkeypatch, req
     again = spec_from_dict(stored)
     assert again == spec
     assert spec_to_dict(again) == spec_to_dict(load_spec(path))  # equal specs give equal dicts
+    for i, start in enumerate(spec.enqueue):  # a start is what its file says: nothing of it is drawn
+        active = {p.name for p in spec.space if is_active(p, start)}
+        assert active <= set(start), f"{path.stem}: enqueue[{i}] leaves {sorted(active - set(start))} to the sampler"
+
+
+@pytest.mark.parametrize("stem", ["cifar10_sixconv", "cifar10_threeconv"])
+def test_cifar_studies_search_what_the_notebooks_tried_and_what_makes_small_nets_good(stem):
+    """Issue 16: the notebooks' knobs plus augmentation, schedules, weight decay, batch and width."""
+    spec = load_spec(Path(__file__).parent.parent / "studies" / f"{stem}.toml")
+    by_name = {p.name: p for p in spec.space}
+    wanted = {"lr", "optimizer", "momentum", "scheduler", "step_size", "step_gamma", "batchnorm",
+              "dropout_1", "dropout_2", "dropout_3", "flip", "crop_padding", "erasing", "label_smoothing",
+              "weight_decay", "batch_size", "width"}
+    assert wanted <= set(by_name), f"{stem} does not search {sorted(wanted - set(by_name))}"
+    assert {"sgd", "adam", "adamw"} <= set(by_name["optimizer"].choices)
+    assert {"step", "cosine", "onecycle"} <= set(by_name["scheduler"].choices)
+    assert 4 in by_name["crop_padding"].choices and True in by_name["flip"].choices
+    assert by_name["width"].target == "model_params.width" and len(by_name["width"].choices) > 1
 
 
 def test_minimal_study_gets_defaults(tmp_path):
