@@ -32,7 +32,7 @@ from typing import Any, Mapping
 
 from . import config
 from .errors import DataError, SpecError, first_line
-from .space import apply_params, corner_pairs, corner_params, corner_values, fill_params, same, split_target
+from .space import apply_params, corner_pairs, corner_params, corner_values, fill_params, is_active, same, split_target
 
 MAX_PARAMS = 50_000_000  # study.max_params default: trainable parameters of one model
 MAX_MEMORY = 8 * 2**30  # study.max_memory default: estimated activation bytes of one training batch
@@ -498,4 +498,17 @@ def budget_warnings(spec: Any) -> tuple[str, ...]:
     if isinstance(least, int) and least >= epochs:
         found.append(f"pruner.kwargs.min_resource: {least} epochs before the first rung, with at most {epochs} "
                      f"epochs: {spec.pruner.name} will never prune; lower min_resource or raise epochs")
+    return tuple(found)
+
+
+def start_warnings(spec: Any) -> tuple[str, ...]:
+    """One line per [[enqueue]] start that leaves a parameter to the sampler: legal (Optuna fills
+    it), but then the start is not the configuration the user wrote down, and a start that is a
+    finalist whatever its rank (`final.baseline`) is drawn anew by each run of the study."""
+    found = []
+    for i, start in enumerate(spec.enqueue):
+        left = [p.name for p in spec.space if p.name not in start and is_active(p, start)]
+        if left:
+            found.append(f"enqueue[{i}]: leaves {', '.join(left)} to the sampler, so the start is drawn anew "
+                         "by each run of the study; give every parameter to make it the same")
     return tuple(found)

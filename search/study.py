@@ -70,7 +70,7 @@ def create(spec, store: Store | str | None = None, *, replace: bool = False, for
     # Everything that can fail happens before anything is written: a folder that cannot be
     # listed must leave no half-made study behind (nor delete the one --replace would replace).
     classes, warnings = check.data_here(spec_mod.with_data_dir(spec, data_dir).data)
-    warnings += check.budget_warnings(spec)
+    warnings += check.budget_warnings(spec) + check.start_warnings(spec)
     storage = open_store(store, heartbeat_interval=None).storage
     warm, warm_notes = warm_start_params(spec, storage)
     wanted = spec_mod.spec_to_dict(spec)

@@ -262,3 +262,35 @@ def test_create_warns_when_the_budget_leaves_the_sampler_or_pruner_nothing_to_do
     assert lines[1].startswith("pruner.kwargs.n_warmup_steps: 2 steps of warm-up with at most 3 epochs")
     patient = load_spec("studies/mnist_pooling.toml", ["study.n_trials=4", "sampler.kwargs.n_startup_trials=2"])
     assert [w.split(":")[0] for w in budget_warnings(patient)] == ["pruner.kwargs.n_startup_trials"]
+
+
+@pytest.mark.parametrize("drop, left", [(["batch_size"], "batch_size"),
+                                        (["optimizer"], "optimizer"),          # a parent: its child is not asked
+                                        (["dropout_1", "dropout_3"], "dropout_1, dropout_3")])
+def test_create_warns_when_a_start_leaves_a_parameter_to_the_sampler(tmp_path, drop, left):
+    """A start without batch_size is legal (Optuna draws it), but then it is not what the user
+    wrote down and each run draws it anew: the three-conv starts did so for four runs."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from search.check import start_warnings
+    from search.cli import app
+    from search.spec import load_spec
+
+    text = Path("studies/cifar10_threeconv.toml").read_text()
+    first, _, rest = text.partition("\n[[enqueue]]")
+    start, _, second = rest.partition("\n[[enqueue]]")
+    for name in drop:
+        start = re.sub(rf"(?m)^{name} = .*\n", "", start)
+    path = tmp_path / "cifar10_threeconv.toml"
+    path.write_text(first + "\n[[enqueue]]" + start + "\n[[enqueue]]" + second)
+    spec = load_spec(path)
+    assert start_warnings(load_spec("studies/cifar10_threeconv.toml")) == ()
+    lines = start_warnings(spec)
+    assert len(lines) == 1 and lines[0].startswith(f"enqueue[0]: leaves {left} to the sampler")
+    result = CliRunner().invoke(app, ["create", str(path), "--storage", f"sqlite:///{tmp_path}/s.db",
+                                      "--set", "data.dataset=synthetic", "--set",
+                                      'data.data_options={"channels": 3, "size": 32, "classes": 10}'])
+    assert result.exit_code == 0, result.output
+    assert f"warning: enqueue[0]: leaves {left} to the sampler" in result.output
