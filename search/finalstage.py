@@ -196,11 +196,11 @@ def _start_job(trials: list[optuna.trial.FrozenTrial], spec, top: list[optuna.tr
     return {"params": params, "rank": rank, "source_trial": source, "baseline": True}, note
 
 
-def _finalists(parent: optuna.Study, spec) -> tuple[list[dict], list[str]]:
+def finalist_jobs(trials: list[optuna.trial.FrozenTrial], spec) -> tuple[list[dict], list[str]]:
     """The finalist jobs (params, source trial, the picks they serve with their rank in each)
-    and notes for the user. With several picks a trial that two picks share is one job."""
+    that these search trials give, and notes for the user. With several picks a trial that two
+    picks share is one job. While the search runs, the ones it would give if it ended now."""
     final = spec.final
-    trials = parent.get_trials(deepcopy=False)
     jobs: list[dict] = []
     notes: list[str] = []
     left_out: dict[str, list] = {}  # why the start is not a finalist -> the picks it is not one of
@@ -269,7 +269,7 @@ def open_child(parent: optuna.Study, spec, uid: str | None) -> optuna.Study:
                                  f"delete the study {name!r} (optuna delete-study) and start a worker again") from None
             time.sleep(0.5)
         return child
-    jobs, notes = _finalists(parent, spec)
+    jobs, notes = finalist_jobs(parent.get_trials(deepcopy=False), spec)
     if not jobs:
         child.set_user_attr(NOTES_ATTR, ["no completed search trial and no [[enqueue]] start: nothing to finalize"])
         child.set_user_attr(READY_ATTR, 0)

@@ -12,9 +12,10 @@ before the hours go.
 
 What is left: the search's trials not yet finished, each at the mean number of epochs the
 finished ones trained (pruning included), at the study's pace, and the final stage's jobs at
-its epochs on its images, finalists first, then the chosen one's seed runs, each at the pace of
-the search trial whose configuration it trains (width and batch size move it 3x); each part
-shared among at most `workers` at once. An estimate: a worker alone on free cores trains faster
+its epochs on its images, finalists first (before the stage starts, those the search would give
+if it ended now), then the chosen one's seed runs, each at the pace of the search trial whose
+configuration it trains (width and batch size move it 3x); each part shared among at most
+`workers` at once. An estimate: a worker alone on free cores trains faster
 (search/cores.py).
 """
 
@@ -175,13 +176,24 @@ def project(trials: Sequence[optuna.trial.FrozenTrial], spec, final: dict | None
             return [measured.job((r["epochs"] or per_job) - r["epochs_done"], images, r["state"] == "RUNNING", rate(r))
                     for r in rows if r["state"] in ("RUNNING", "WAITING") and (r["epochs"] or per_job) > r["epochs_done"]]
 
-        if final is None:  # not started: every finalist (the starts may turn out to be among them)
-            finalists = [measured.job(per_job, images)] * (spec.final.finalists * picks + len(spec.starts))
+        if final is None:
+            # not started: the finalists the search would give if it ended now, each at the pace its
+            # trial measured; while fewer trials have completed than finalists are asked for, as
+            # many more at the study's pace as the stage could add (the starts among them)
+            from search.finalstage import finalist_jobs
+
+            planned = finalist_jobs(list(trials), spec)[0]
+            complete = sum(t.state == TrialState.COMPLETE for t in trials)
+            more = (max(spec.final.finalists * picks + len(spec.starts) - len(planned), 0)
+                    if complete < spec.final.finalists else 0)
+            finalists = ([measured.job(per_job, images, rate=rates.get(j["source_trial"])) for j in planned]
+                         + [measured.job(per_job, images)] * more)
+            each = finalists
         else:
             finalists = left(final["all_finalists"])
+            each = [measured.job(per_job, images, rate=rate(r)) for r in by_number.values()]
         if final is None or final["chosen"] is None:  # the chosen one's own run is its first seed
             # which finalist it will be is not known yet: one at their mean time
-            each = [measured.job(per_job, images, rate=rate(r)) for r in by_number.values()]
             seeds = [statistics.fmean(each) if each else measured.job(per_job, images)] * ((spec.final.seeds - 1) * picks)
         else:
             seeds = left(final["seeds"])

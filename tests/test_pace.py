@@ -15,6 +15,7 @@ from search import pace
 from search import spec as spec_mod
 from search import study as study_mod
 from search.cli import app
+from search.finalstage import finalist_jobs
 from search.worker import run_worker
 from studykit import tiny_study
 
@@ -30,14 +31,14 @@ def _spec(tmp_path, n_trials: int = 5, final: str = FINAL, subset: int | None = 
 
 
 def _trial(state: TrialState, epoch_seconds: list[float], images: int | None = 100, images_all: int = 400,
-           wall: float | None = None, train_seconds: list[float] | None = None, **attrs):
+           wall: float | None = None, train_seconds: list[float] | None = None, lr: float = 1e-2, **attrs):
     """A stored trial whose start and end are `wall` seconds apart (default: its epochs' seconds),
     training `train_seconds` of each epoch's (default: all of it)."""
     attrs["epoch_seconds"] = epoch_seconds
     attrs["epoch_train_seconds"] = epoch_seconds if train_seconds is None else train_seconds
     if images is not None:
         attrs.update(train_images=images, train_images_all=images_all)
-    t = create_trial(state=state, value=0.5 if state != TrialState.RUNNING else None, params={"lr": 1e-2},
+    t = create_trial(state=state, value=0.5 if state != TrialState.RUNNING else None, params={"lr": lr},
                      distributions={"lr": FloatDistribution(1e-6, 3e-2, log=True)}, user_attrs=attrs,
                      intermediate_values={i: 0.5 for i in range(len(epoch_seconds))})
     if state == TrialState.RUNNING:
@@ -120,7 +121,7 @@ def test_no_pace_without_a_finished_trial_that_recorded_its_images(tmp_path):
 def test_each_final_job_is_timed_at_the_pace_its_own_configuration_measured(tmp_path):
     # a wide net trains at a third of a narrow one's pace: the study's mean would fit neither
     spec = _spec(tmp_path)  # 4 final epochs on 400 images, 2 seeds
-    narrow, wide = (_trial(TrialState.COMPLETE, [s, s], train_seconds=[s, s]) for s in (1.0, 3.0))
+    narrow, wide = (_trial(TrialState.COMPLETE, [s, s], train_seconds=[s, s], lr=s / 100) for s in (1.0, 3.0))
     narrow.number, wide.number = 0, 1
     measured = pace.project([narrow, wide], spec, None, workers=1)
     assert measured.pace.images_per_s == pytest.approx(50)  # 4 epochs of 100 images in 8 s
@@ -129,11 +130,16 @@ def test_each_final_job_is_timed_at_the_pace_its_own_configuration_measured(tmp_
         return {"number": number, "source_trial": source, "state": state, "epochs": 4, "epochs_done": done,
                 "history": list(history), "seconds": None, "train_images": 400, "chosen": chosen}
 
+    wide_job, narrow_job, start_job = 4 * 400 / 100 * 3, 4 * 400 / 100, 4 * 400 / 50  # 48 s, 16 s, 32 s
+    # before the final stage: the two trials would be the finalists, each at its pace, and the start
+    # (no search trial of its own) at the study's; then one seed run of one of the three
+    before = pace.project([narrow, wide], spec, None, workers=1)
+    assert before.final_s == pytest.approx(wide_job + narrow_job + start_job + (wide_job + narrow_job + start_job) / 3)
+
     # the wide one's finalist, 1 epoch in at its own pace (400 images in 12 s); the narrow one's waiting
     final = {"all_finalists": [row(0, 1, "RUNNING", 1, [{"train_seconds": 12.0, "seconds": 12.0}]),
                                row(1, 0, "WAITING")], "seeds": [], "chosen": None, "done": False}
     left = pace.project([narrow, wide], spec, final, workers=1)
-    wide_job, narrow_job = 4 * 400 / 100 * 3, 4 * 400 / 100  # 48 s and 16 s for 4 epochs
     # finalists: 3 epochs of the wide one and the narrow one; one seed run, of which one not known yet
     assert left.final_s == pytest.approx(wide_job * 3 / 4 + narrow_job + (wide_job + narrow_job) / 2)
     # on 2 workers the finalists take as long as the wide one alone: a job is not shared
@@ -177,8 +183,17 @@ def test_a_run_records_its_images_and_status_prints_the_pace(tmp_path):
     assert m.val_s > 0 and m.other_s > 0
     epochs = sum(len(t.user_attrs["epoch_seconds"]) for t in trials) / len(trials)
     assert left.search_s == pytest.approx(2 * (epochs * (100 / m.images_per_s + m.val_s) + m.other_s))
-    # the trial and the start, then one more seed run
-    assert left.final_s == pytest.approx(3 * (2 * (360 / m.images_per_s + m.val_s) + m.other_s))
+    # the finalists the search gives (the best trial and the start, or the start alone if it is the
+    # best), each at the pace its trial measured; while no trial has completed (these tiny ones may
+    # all stop at chance) one more at the study's pace; then one more seed run of one of them
+    planned = finalist_jobs(trials, bigger)[0]
+    assert [j["source_trial"] for j in planned][-1] == 0 and len(planned) in (1, 2)
+    rate = {t.number: 100 * len(t.user_attrs["epoch_train_seconds"]) / sum(t.user_attrs["epoch_train_seconds"])
+            for t in trials}
+    each = [2 * (360 / rate[j["source_trial"]] + m.val_s) + m.other_s for j in planned]
+    if not any(t.state == TrialState.COMPLETE for t in trials):
+        each += [2 * (360 / m.images_per_s + m.val_s) + m.other_s] * (2 - len(planned))
+    assert left.final_s == pytest.approx(sum(each) + sum(each) / len(each))
 
 
 def test_status_refuses_a_workers_count_below_one(tmp_path):
