@@ -42,7 +42,20 @@ $cnnsearch create "studies/cifar10_$family.toml" --storage "$storage" \
     --set "final.finalists=${FINALISTS:-2}" --set "final.epochs=${FINAL_EPOCHS:-30}" \
     --set "final.seeds=${SEEDS:-2}" --set final.average_last=3
 fi
+# While it runs, every LOOK_EVERY (120) seconds: what status says is left ($out/$name-pace.log) and
+# a copy of the database ($out/snaps-$name/<unix seconds>.db), so that scripts/check_pace.py
+# --replay can later set what status said against what was in fact left.
+mkdir -p "$out/snaps-$name"
+( while sleep "${LOOK_EVERY:-120}"; do
+      now=$(date -u +%s)
+      .venv/bin/python -c 'import sqlite3, sys; sqlite3.connect(sys.argv[1]).backup(sqlite3.connect(sys.argv[2]))' \
+          "$out/$name.db" "$out/snaps-$name/$now.db"
+      echo "$now $(date -u +%H:%M:%S) $($cnnsearch status "$name" --storage "$storage" 2>&1 | grep '^pace')"
+  done >> "$out/$name-pace.log" ) &
+looks=$!
+trap 'kill $looks 2> /dev/null' EXIT
 /usr/bin/time -f "search + final stage wall %e s" $cnnsearch launch "$name" --storage "$storage" \
     --cpus "${WORKERS:-2}" --log-dir "$out/logs-$name"
+kill $looks 2> /dev/null || true
 $cnnsearch export "$name" --storage "$storage" -o "$out/$name.json" --model "$out/$name-final.pt"
 $cnnsearch status "$name" --storage "$storage"
