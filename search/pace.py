@@ -15,8 +15,7 @@ finished ones trained (pruning included), at the study's pace, and the final sta
 its epochs on its images, finalists first (before the stage starts, those the search would give
 if it ended now), then the chosen one's seed runs, each at the pace of the search trial whose
 configuration it trains (width and batch size move it 3x); each part shared among at most
-`workers` at once. An estimate: a worker alone on free cores trains faster
-(search/cores.py).
+`workers` at once. An estimate: a worker alone on free cores trains faster (search/cores.py).
 """
 
 from __future__ import annotations
