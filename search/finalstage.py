@@ -59,6 +59,7 @@ PARENT_ATTR = "parent_uid"  # child study user attr: the search study's uid, so 
 READY_ATTR = "finalists_enqueued"  # child study user attr, set last by its creator: the finalists are all there
 SEEDS_CLAIM = "seed_plan:"  # claim_numbered_attr prefix: index 0 enqueues the seed runs
 SEEDS_ATTR = "seeds_enqueued"  # child study user attr: the chosen finalist's trial number, once seeds are queued
+RUNNING_EPOCHS_ATTR = "epoch_train_seconds"  # final job user attr: each epoch's training seconds as it trains
 CHOSEN_ATTR = "chosen_per_pick"  # child study user attr: each pick's chosen finalist (trial number or None)
 NOTES_ATTR = "notes"  # child study user attr: what the stage says to the user (fewer finalists than asked, ...)
 KEPT_ATTR = "kept_for_final"  # search trial user attr: its last checkpoint stays for a finalist to carry on
@@ -549,11 +550,16 @@ def make_job(spec, *, device: str = "auto", on_epoch: Callable[[int, int, dict],
             _carry_on(trial, spec, params, attrs.get("source_trial"), ckpt, checkpoints, ds, resolved)
             state = ckpt.state
 
+        trained: list[float] = []  # the training seconds of each epoch this run trains (not resumed ones)
+
         def report(epoch: int, m: dict, save: bool = True) -> None:
             if metric in m and math.isfinite(m[metric]):
                 trial.report(m[metric], epoch)
             if save:
                 ckpt.save()
+                if "train_seconds" in m:  # while it runs, status times what is left by these (search/pace.py)
+                    trained.append(round(m["train_seconds"], 3))
+                    trial.set_user_attr(RUNNING_EPOCHS_ATTR, trained)
             if on_epoch is not None:
                 on_epoch(trial.number, epoch, m)
 
@@ -636,6 +642,7 @@ def results(parent: optuna.Study, spec, pick: int = 0) -> dict | None:
                 "epochs_done": len(t.intermediate_values), "train_images": a.get("train_images"),
                 "continued_from": a.get("continued_from"), "resumed_from_epoch": a.get("resumed_from_epoch"),
                 "reused_from": a.get("reused_from"), "params": dict(t.params), "host": a.get("host"),
+                "epoch_train_seconds": a.get(RUNNING_EPOCHS_ATTR, []),
                 "device": a.get("device"), "chosen": a.get("chosen")}
 
     finalist_trials = list(_latest(trials, "finalist").values())

@@ -14,8 +14,10 @@ What is left: the search's trials not yet finished, each at the mean number of e
 finished ones trained (pruning included), at the study's pace, and the final stage's jobs at
 its epochs on its images, finalists first (before the stage starts, those the search would give
 if it ended now), then the chosen one's seed runs, each at the pace of the search trial whose
-configuration it trains (width and batch size move it 3x); each part shared among at most
-`workers` at once. An estimate: a worker alone on free cores trains faster (search/cores.py).
+configuration it trains (width and batch size move it 3x), a running one at its last epochs'
+(a worker whose neighbour waits takes its core: search/cores.py); each part shared among at
+most `workers` at once. An estimate: a job not yet started is timed at its trial's pace even
+where it will run alone on both cores.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ import optuna
 
 TrialState = optuna.trial.TrialState
 ENDED = (TrialState.COMPLETE, TrialState.PRUNED)
+# A running final job is timed by its last epochs: a worker whose neighbour waits takes its core
+# after an epoch (search/cores.py), so its first epoch is slower than the rest (1.7x here).
+RECENT = 3
 
 
 @dataclass(frozen=True)
@@ -166,8 +171,12 @@ def project(trials: Sequence[optuna.trial.FrozenTrial], spec, final: dict | None
         by_number = {r["number"]: r for r in final["all_finalists"]} if final else {}
 
         def rate(row: dict) -> float | None:
-            """Its own epochs' pace, else that of the search trial it trains (a seed run: its finalist's)."""
-            own = _rate(_final_record(row)) if row.get("history") else None
+            """Its own epochs' pace (a running job: its last RECENT epochs', on the threads it has now),
+            else that of the search trial it trains (a seed run: its finalist's)."""
+            recent = (row.get("epoch_train_seconds") or [])[-RECENT:]
+            own = (_rate(_final_record(row)) if row.get("history")
+                   else row["train_images"] * len(recent) / sum(recent) if row.get("train_images") and sum(recent) > 0
+                   else None)
             source = by_number.get(row.get("chosen")) if row.get("source_trial") is None else None
             return own or (rate(source) if source else rates.get(row.get("source_trial")))
 

@@ -126,9 +126,11 @@ def test_each_final_job_is_timed_at_the_pace_its_own_configuration_measured(tmp_
     measured = pace.project([narrow, wide], spec, None, workers=1)
     assert measured.pace.images_per_s == pytest.approx(50)  # 4 epochs of 100 images in 8 s
 
-    def row(number, source, state, done=0, history=(), chosen=None):
+    def row(number, source, state, done=0, trained=(), chosen=None):
+        """A final job as finalstage.results gives it; running, its history is not stored yet."""
         return {"number": number, "source_trial": source, "state": state, "epochs": 4, "epochs_done": done,
-                "history": list(history), "seconds": None, "train_images": 400, "chosen": chosen}
+                "history": [], "epoch_train_seconds": list(trained), "seconds": None, "train_images": 400,
+                "chosen": chosen}
 
     wide_job, narrow_job, start_job = 4 * 400 / 100 * 3, 4 * 400 / 100, 4 * 400 / 50  # 48 s, 16 s, 32 s
     # before the final stage: the two trials would be the finalists, each at its pace, and the start
@@ -137,7 +139,7 @@ def test_each_final_job_is_timed_at_the_pace_its_own_configuration_measured(tmp_
     assert before.final_s == pytest.approx(wide_job + narrow_job + start_job + (wide_job + narrow_job + start_job) / 3)
 
     # the wide one's finalist, 1 epoch in at its own pace (400 images in 12 s); the narrow one's waiting
-    final = {"all_finalists": [row(0, 1, "RUNNING", 1, [{"train_seconds": 12.0, "seconds": 12.0}]),
+    final = {"all_finalists": [row(0, 1, "RUNNING", 1, [12.0]),
                                row(1, 0, "WAITING")], "seeds": [], "chosen": None, "done": False}
     left = pace.project([narrow, wide], spec, final, workers=1)
     # finalists: 3 epochs of the wide one and the narrow one; one seed run, of which one not known yet
@@ -150,6 +152,11 @@ def test_each_final_job_is_timed_at_the_pace_its_own_configuration_measured(tmp_
     final["all_finalists"][0].update(state="COMPLETE", epochs_done=4)
     final["all_finalists"][1].update(state="COMPLETE", epochs_done=4)
     assert pace.project([narrow, wide], spec, final, workers=1).final_s == pytest.approx(wide_job)
+    # running alone, the seed run took the waiting worker's core after its first epoch: what is
+    # left of it goes at its last 3 epochs' pace (400 images in 6 s each), not its trial's (12 s)
+    final["seeds"] = [row(2, 1, "RUNNING", 5, [12.0, 12.0, 6.0, 6.0, 6.0], chosen=0)]
+    final["seeds"][0]["epochs"] = 8
+    assert pace.project([narrow, wide], spec, final, workers=1).final_s == pytest.approx(3 * 6.0)
     # a start that is no search trial: its seed run at its finalist's pace
     final["all_finalists"][0]["source_trial"] = None
     final["seeds"] = [row(2, None, "WAITING", chosen=0)]
@@ -169,6 +176,11 @@ def test_a_run_records_its_images_and_status_prints_the_pace(tmp_path):
     info = study_mod.summary("p", url)
     final = info["final"]
     assert final["done"] and all(r["train_images"] == 360 for r in final["all_finalists"] + final["seeds"])
+    # each final job stored the training seconds of the epochs it trained itself, as it trained them
+    for r in final["all_finalists"] + final["seeds"]:
+        carried = (r["continued_from"] or {}).get("epoch", 0) if r["reused_from"] is None else len(r["history"])
+        assert len(r["epoch_train_seconds"]) == len(r["history"]) - carried
+        assert r["epoch_train_seconds"] == [round(h["train_seconds"], 3) for h in r["history"][carried:]]
     done = info["projection"]
     assert done.search_s == 0 and done.final_s == 0
     status = runner.invoke(app, ["status", "p", "--storage", url, "--workers", "2"])
