@@ -53,7 +53,7 @@ mkdir -p "$out/snaps-$name"
       echo "$now $(date -u +%H:%M:%S) $($cnnsearch status "$name" --storage "$storage" 2>&1 | grep '^pace')"
   done >> "$out/$name-pace.log" ) &
 looks=$!
-trap 'kill $looks 2> /dev/null' EXIT
+trap 'rc=$?; kill $looks 2> /dev/null; exit $rc' EXIT
 /usr/bin/time -f "search + final stage wall %e s" $cnnsearch launch "$name" --storage "$storage" \
     --cpus "${WORKERS:-2}" --log-dir "$out/logs-$name"
 kill $looks 2> /dev/null || true
