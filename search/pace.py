@@ -174,9 +174,8 @@ def project(trials: Sequence[optuna.trial.FrozenTrial], spec, final: dict | None
             """Its own epochs' pace (a running job: its last RECENT epochs', on the threads it has now),
             else that of the search trial it trains (a seed run: its finalist's)."""
             recent = (row.get("epoch_train_seconds") or [])[-RECENT:]
-            own = (_rate(_final_record(row)) if row.get("history")
-                   else row["train_images"] * len(recent) / sum(recent) if row.get("train_images") and sum(recent) > 0
-                   else None)
+            own = _rate(_final_record(row) if row.get("history")
+                        else Record(row.get("train_images"), len(recent), None, sum(recent)))
             source = by_number.get(row.get("chosen")) if row.get("source_trial") is None else None
             return own or (rate(source) if source else rates.get(row.get("source_trial")))
 
