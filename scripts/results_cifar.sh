@@ -12,8 +12,9 @@
 #     SUBSET (15000) training images, Hyperband from 2 to SEARCH_EPOCHS (12) epochs (rungs at 2
 #     and 6), scored on the full 5,000-image validation split; width multipliers WIDTHS
 #     ([0.5, 1.0, 1.5]: the shipped 2.0 makes a 30-epoch final run about 45 minutes here);
-#   final stage: the FINALISTS (2) best trials and the study's starts (threeconv: the hand-tuned
-#     one and the same with augmentation, `baseline = 2`), FINAL_EPOCHS (30) epochs on all
+#   final stage: the FINALISTS (2) best trials, each also as its twin with flip and padded crop
+#     (threeconv's `variants`), and the study's starts (threeconv: the hand-tuned one and the same
+#     with augmentation, `baseline = 2`), FINAL_EPOCHS (30) epochs on all
 #     45,000 training images (schedules stretched), the best on validation (mean of the last 3
 #     epochs) over SEEDS (2) seeds, the test split read once per seed.
 # WORKERS (2) worker processes share the cores (1 torch thread each on 2 cores, the ones training

@@ -270,7 +270,9 @@ def _job_name(attrs: dict) -> str:
     """'finalist 2 (search trial 8)', 'seed 1 of trial 8', or '' for a search trial."""
     job = str(attrs.get("job") or "")  # a trial's user attrs, or a row of finalstage.results
     role, source = attrs.get("role") or job.partition(":")[0], attrs.get("source_trial")
-    of = f"trial {source}" if source is not None else "the start"
+    from search.finalstage import label
+
+    of = label(attrs)
     if role == "finalist":
         return f"finalist ({of}{', the start' if attrs.get('baseline') and source is not None else ''})"
     if role == "seed":
@@ -464,6 +466,11 @@ def create(
         n_starts = len(spec.starts)
         start = (" and the start" if n_starts == 1 else f" and the {n_starts} starts") if n_starts else ""
         start += " if no larger" if n_starts and f.picks else ""
+        if f.variants:  # twins of each search finalist (finalstage._with_twins)
+            from search.finalstage import label
+
+            start = (", each also " + " and ".join(label({"variant": v}).removeprefix("the start ")
+                                                    for v in f.variants) + start)
         picks = (f"for pick {f.pick}" if len(f.picks) == 1 else f"for each of {len(f.picks)} picks "
                  f"({', '.join(f.picks)})") + ": " if f.picks else ""
         out.print(f"  then the final stage: {picks}{f.finalists} finalist{'' if f.finalists == 1 else 's'}{start} for {epochs} epochs"

@@ -9,7 +9,9 @@ learning curves, and the search's sampler never sees its long runs.
 1. Finalists. The worker that creates the child study enqueues, once, the `final.finalists`
    best completed search trials, and the study's first `final.baseline` `[[enqueue]]` entries
    (the starts it was given: the hand-tuned one, say, and one with augmentation that short
-   trials rank low) that are not among them. Each is trained at the final
+   trials rank low) that are not among them, and each search finalist's twins: the same
+   params with each of `final.variants`'s overrides (flip and padded crop, say: what short
+   trials rank low is judged at the final budget). Each is trained at the final
    budget (`final_config`: final epochs, the whole training set, StepLR stretched to the new
    length) from the config's seed, without reading the test split. Its value is the validation
    metric averaged over its last `final.average_last` epochs.
@@ -197,6 +199,38 @@ def _start_job(trials: list[optuna.trial.FrozenTrial], spec, top: list[optuna.tr
     return {"params": params, "rank": rank, "source_trial": source, "baseline": True}, note
 
 
+def _with_twins(members: list[dict], variants: tuple[dict, ...]) -> list[dict]:
+    """Search finalists each followed by its twins: its params with each of `variants`'s
+    overrides (spec.FinalSpec.variants), where that changes them and gives no job already there.
+    A twin keeps its source's trial and rank (a tie goes to the plain run, the earlier job); its
+    user attr "variant" is the overrides. Next to its source, so that two workers train the pair
+    side by side."""
+    out: list[dict] = []
+    for m in members:
+        out.append(m)
+        for overrides in variants:
+            params = {**m["params"], **overrides}
+            if all(params != o["params"] for o in [*members, *out]):
+                out.append({**m, "params": params, "variant": dict(overrides)})
+    return out
+
+
+def _value_text(v) -> str:
+    """A parameter value as a study file writes it: true, 4, 0.001."""
+    return str(v).lower() if isinstance(v, bool) else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def label(row: dict) -> str:
+    """What a final-stage job trains, for people: 'trial 9', 'trial 9 with flip=true, crop_padding=4'
+    (a twin), 'the start'. `row`: a job of finalist_jobs, a row of results, or a job's user attrs."""
+    source = row.get("source_trial")
+    text = f"trial {source}" if source is not None else "the start"
+    variant = row.get("variant")
+    if variant:
+        text += " with " + ", ".join(f"{k}={_value_text(v)}" for k, v in variant.items())
+    return text
+
+
 def finalist_jobs(trials: list[optuna.trial.FrozenTrial], spec) -> tuple[list[dict], list[str]]:
     """The finalist jobs (params, source trial, the picks they serve with their rank in each)
     that these search trials give, and notes for the user. With several picks a trial that two
@@ -215,6 +249,7 @@ def finalist_jobs(trials: list[optuna.trial.FrozenTrial], spec) -> tuple[list[di
                          f"{len(top)} {what}: {_count(len(top), 'finalist')}")
         members = [{"params": dict(t.params), "rank": k, "source_trial": t.number, "baseline": False}
                    for k, t in enumerate(top[:final.finalists], 1)]
+        members = _with_twins(members, final.variants)
         for index in range(len(spec.starts) if picked or rule is None else 0):
             start, note = _start_job(trials, spec, top, picked, index)
             same = None if start is None else next((m for m in members if m["params"] == start["params"]), None)
@@ -230,8 +265,11 @@ def finalist_jobs(trials: list[optuna.trial.FrozenTrial], spec) -> tuple[list[di
             job = next((j for j in jobs if j["params"] == m["params"]), None)
             if job is None:
                 job = {"params": m["params"], "rank": m["rank"], "source_trial": m["source_trial"],
-                       "baseline": False, "picks": [], "pick_ranks": []}
+                       "baseline": False, "picks": [], "pick_ranks": [], "variant": m.get("variant")}
                 jobs.append(job)
+                if job["variant"] is not None:
+                    notes.append(f"{label(job)}: a twin of trial {job['source_trial']} (final.variants), "
+                                 "added as a finalist")
             job["picks"].append(i)
             job["pick_ranks"].append(m["rank"])
             job["baseline"] = job["baseline"] or m["baseline"]
@@ -281,6 +319,8 @@ def open_child(parent: optuna.Study, spec, uid: str | None) -> optuna.Study:
     for k, job in enumerate(jobs):
         attrs = {"role": "finalist", "job": f"finalist:{k}", "rank": job["rank"], "source_trial": job["source_trial"],
                  "baseline": job["baseline"], "picks": job["picks"], "pick_ranks": job["pick_ranks"]}
+        if job["variant"] is not None:
+            attrs["variant"] = job["variant"]
         child.enqueue_trial(job["params"], user_attrs=attrs)
     child.set_user_attr(READY_ATTR, len(jobs))
     return child
@@ -423,6 +463,8 @@ def _carry_on(trial: optuna.Trial, spec, params: dict, source: int | None, ckpt:
     t = next((t for t in _parent(trial.study).get_trials(deepcopy=False) if t.number == source), None)
     if t is None or not t.user_attrs.get(KEPT_ATTR) or not t.user_attrs.get(CHECKPOINT_ATTR):
         return
+    if dict(t.params) != params:  # a twin (final.variants) trains its own way from the first epoch
+        return
     state = ckpt.state  # fresh: nothing trained yet
     try:
         saved = store.load(t.user_attrs[CHECKPOINT_ATTR], f"search trial {source}'s last state")
@@ -454,6 +496,8 @@ def _enqueue_seeds(child: optuna.Study, spec, store: CheckpointStore | None) -> 
         for k in range(spec.final.seeds):
             attrs = {"role": "seed", "job": f"seed:{k}" if primary else f"seed:{c.number}:{k}", "seed_index": k,
                      "chosen": c.number, "rank": c.user_attrs.get("rank"), "source_trial": c.user_attrs.get("source_trial")}
+            if c.user_attrs.get("variant"):
+                attrs["variant"] = c.user_attrs["variant"]
             if k == 0 and c.user_attrs.get("model"):
                 attrs["reuse"] = c.number  # the chosen finalist's run is seed 0: tested, not retrained
             child.enqueue_trial(dict(c.params), user_attrs=attrs)
@@ -642,7 +686,7 @@ def results(parent: optuna.Study, spec, pick: int = 0) -> dict | None:
                 "epochs_done": len(t.intermediate_values), "train_images": a.get("train_images"),
                 "continued_from": a.get("continued_from"), "resumed_from_epoch": a.get("resumed_from_epoch"),
                 "reused_from": a.get("reused_from"), "params": dict(t.params), "host": a.get("host"),
-                "epoch_train_seconds": a.get(RUNNING_EPOCHS_ATTR, []),
+                "epoch_train_seconds": a.get(RUNNING_EPOCHS_ATTR, []), "variant": a.get("variant"),
                 "device": a.get("device"), "chosen": a.get("chosen")}
 
     finalist_trials = list(_latest(trials, "finalist").values())
@@ -691,7 +735,7 @@ def summary_line(res: dict) -> str:
     if res["test_mean"] is not None:
         std = f" ± {res['test_std']:.2%}" if res["test_std"] is not None else ""
         chosen = res["chosen"]
-        src = f"trial {chosen['source_trial']}" if chosen and chosen["source_trial"] is not None else "the start"
+        src = label(chosen) if chosen else "the start"
         if chosen and chosen["n_params"]:
             src += f", {chosen['n_params']:,} params"
         tested = sum(s["test_acc"] is not None for s in res["seeds"])
@@ -707,7 +751,7 @@ def summary_line(res: dict) -> str:
         if res["done"]:
             return "final: no result (see the notes)"
         return f"final stage: {fin_done}/{_count(len(finalists), 'finalist')} trained"
-    return f"final stage: chosen trial {res['chosen']['source_trial']}; {n_seeds}/{len(res['seeds'])} seed runs done"
+    return f"final stage: chosen {label(res['chosen'])}; {n_seeds}/{len(res['seeds'])} seed runs done"
 
 
 def pick_lines(res: dict) -> list[str]:
@@ -720,7 +764,7 @@ def pick_lines(res: dict) -> list[str]:
         if chosen is None:
             lines.append(f"pick {p['rule']}: " + ("no finalist finished" if res["done"] else "finalists training"))
             continue
-        src = f"trial {chosen['source_trial']}" if chosen["source_trial"] is not None else "the start"
+        src = label(chosen)
         size = f", {chosen['n_params']:,} params" if chosen["n_params"] else ""
         if p["test_mean"] is None:
             test = f"chosen, {p['seeds']} seed runs queued"

@@ -353,7 +353,7 @@ def _final_figure(final: dict):
             pts = [(h["epoch"] + 1, h[metric]) for h in r["history"] if metric in h]
             if not pts:
                 continue
-            label = (f"finalist: trial {r['source_trial']}" if role == "finalist" else f"seed {r['seed']}")
+            label = (f"finalist: {finalstage.label(r)}" if role == "finalist" else f"seed {r['seed']}")
             fig.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers", name=label,
                             line={"dash": dash})
     if not fig.data:
@@ -376,9 +376,9 @@ def _final_section(final: dict, name: str) -> str:
         return fmt.format(v) if isinstance(v, (int, float)) else ""
 
     chosen = final["chosen"]["number"] if final["chosen"] else None
-    finalists = table(("search trial", "search rank", "start", "state", f"{metric} (final budget)", "params",
+    finalists = table(("trains", "search rank", "start", "state", f"{metric} (final budget)", "params",
                        "n_params", "seconds", "chosen"),
-                      [(f["source_trial"] if f["source_trial"] is not None else "-", f["rank"] or "-",
+                      [(finalstage.label(f), f["rank"] or "-",
                         "yes" if f["baseline"] else "", f["state"].lower(), num(f["value"]),
                         ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in f["params"].items()),
                         num(f["n_params"], "{:,}"), num(f["seconds"], "{:.0f}"), "yes" if f["number"] == chosen else "")
@@ -394,8 +394,7 @@ def _final_section(final: dict, name: str) -> str:
                  f"<code>cnnsearch export {esc(name)} --pick RULE --model final.pt</code> writes its model. "
                  "The tables below are the first pick's.</p>"
                  + table(("pick", "search trial", "n_params", "test acc (mean)", "± std", "seeds tested"),
-                         [(p["rule"], (p["chosen"]["source_trial"] if p["chosen"]["source_trial"] is not None else "start")
-                           if p["chosen"] else "-", num(p["n_params"], "{:,}"), num(p["test_mean"], "{:.2%}"),
+                         [(p["rule"], finalstage.label(p["chosen"]) if p["chosen"] else "-", num(p["n_params"], "{:,}"), num(p["test_mean"], "{:.2%}"),
                            num(p["test_std"], "{:.2%}"), p["tested"]) for p in final["picks"]]))
     return (f'<section id="final"><h2>Final stage</h2><p>{esc(finalstage.summary_line(final))}.</p>{notes}{picks}'
             f"<p>Finalists: the best search trials (and the study's start), each trained at the final budget "
@@ -573,7 +572,7 @@ def _write_pngs(out: Path, view, lines_view, curves, best, importances, metric, 
         for rows, style in ((final["finalists"], "--"), (final["seeds"], "-")):
             for r in rows:
                 pts = [(h["epoch"] + 1, h[metric]) for h in r["history"] if metric in h]
-                label = f"finalist: trial {r['source_trial']}" if r in final["finalists"] else f"seed {r['seed']}"
+                label = f"finalist: {finalstage.label(r)}" if r in final["finalists"] else f"seed {r['seed']}"
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=".", label=label)
         ax.set(title="Final stage: validation per epoch", xlabel="epoch", ylabel=metric)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

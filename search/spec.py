@@ -33,7 +33,8 @@ from .space import (Param, SpaceError, apply_params, check_space, contains, corn
                     parse_param, split_target, suggest_params)
 
 SECTIONS = ("study", "data", "fixed", "space", "sampler", "pruner", "enqueue", "final", "warm_start")
-FINAL_KEYS = ("finalists", "epochs", "full_data", "stretch_schedule", "seeds", "average_last", "baseline", "pick")
+FINAL_KEYS = ("finalists", "epochs", "full_data", "stretch_schedule", "seeds", "average_last", "baseline", "pick",
+              "variants")
 WARM_START_KEYS = ("study", "top")
 STUDY_KEYS = ("name", "direction", "metric", "objectives", "directions", "n_trials", "timeout", "description",
               "max_params", "max_memory", "max_macs", "max_latency_ms", "latency_batch")
@@ -82,6 +83,11 @@ class FinalSpec:
     # finalists and seeds: `pick` is the first rule (the study's final model), `more_picks` the rest.
     pick: str | None = None
     more_picks: tuple[str, ...] = ()
+    # Each search finalist is also trained with each of these parameter overrides (a "twin", say
+    # flip and padded crop): what pays only over a long run, as augmentation does, is judged at
+    # the final budget instead of by short trials. Only parameters nothing depends on and that
+    # leave the network as it is: a twin has its source trial's size and latency.
+    variants: tuple[dict, ...] = ()
 
     @property
     def picks(self) -> tuple[str, ...]:
@@ -236,7 +242,7 @@ def _rebuild(doc: Mapping[str, Any]) -> StudySpec:
         table = _table(doc, section, ("name", "kwargs"))
         classes[section] = ClassSpec(name=table.get("name", default), kwargs=dict(table.get("kwargs", {})))
     return StudySpec(**head, data=data, fixed=fixed, space=space, enqueue=enqueue, **classes,
-                     final=_parse_final(doc, enqueue, head), warm_start=_parse_warm_start(doc, head["name"]))
+                     final=_parse_final(doc, enqueue, head, space), warm_start=_parse_warm_start(doc, head["name"]))
 
 
 def _printable(text: str) -> str:
@@ -274,9 +280,11 @@ def spec_to_dict(spec: StudySpec) -> dict[str, Any]:
 def _final_to_dict(final: FinalSpec) -> dict:
     """[final] as the study file writes it: `pick` left out when None (specs stored before it
     compare equal), a list when there are several."""
-    out = {k: v for k, v in dataclasses.asdict(final).items() if k not in ("pick", "more_picks")}
+    out = {k: v for k, v in dataclasses.asdict(final).items() if k not in ("pick", "more_picks", "variants")}
     if final.pick is not None:
         out["pick"] = list(final.picks) if final.more_picks else final.pick
+    if final.variants:  # left out when none: specs stored before variants compare equal
+        out["variants"] = [dict(v) for v in final.variants]
     return out
 
 
@@ -354,7 +362,7 @@ def _parse(doc: Mapping[str, Any]) -> StudySpec:
     spec = StudySpec(**head, data=data, fixed=fixed, space=space,
                      sampler=_class_spec(doc, "sampler", optuna.samplers, optuna.samplers.BaseSampler, "TPESampler"),
                      pruner=_class_spec(doc, "pruner", optuna.pruners, optuna.pruners.BasePruner, "MedianPruner"),
-                     enqueue=enqueue, final=_parse_final(doc, enqueue, head),
+                     enqueue=enqueue, final=_parse_final(doc, enqueue, head, space),
                      warm_start=_parse_warm_start(doc, head["name"]))
     _check_sampling(spec)
     return spec
@@ -477,7 +485,49 @@ def _parse_pick(rule: Any, objectives_: tuple[Objective, ...]) -> tuple[str, ...
     return tuple(out)
 
 
-def _parse_final(doc: Mapping[str, Any], enqueue: tuple[dict, ...], head: Mapping[str, Any]) -> FinalSpec | None:
+def _parse_variants(value: Any, space: tuple[Param, ...]) -> tuple[dict, ...]:
+    """`final.variants`: a list of tables of parameter overrides. Each key is a parameter of the
+    space that no `when` names and that has no `when` itself (a twin of any finalist is then a
+    point of the space), that does not build the network (model, model_params: a twin keeps its
+    source trial's size), and each value is one the parameter can take."""
+    if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
+        raise _Invalid(f"final.variants: expected a list of tables like [{{ flip = true }}], got {value!r}")
+    by_name = {p.name: p for p in space}
+    out = []
+    for i, variant in enumerate(value):
+        where = f"final.variants[{i}]"
+        if not variant:
+            raise _Invalid(f"{where}: an empty table; give the parameters the twin changes, like {{ flip = true }}")
+        for name, v in variant.items():
+            p = by_name.get(name)
+            if p is None:
+                raise _Invalid(f"{where}.{name}: no such parameter (parameters: {', '.join(by_name)})")
+            if not contains(p, v):
+                allowed = list(p.choices) if p.type == "categorical" else f"{p.type} in [{p.low}, {p.high}]"
+                raise _Invalid(f"{where}.{name}: {v!r} is outside the space ({allowed})")
+            if p.when:
+                raise _Invalid(f"{where}.{name}: applies only when "
+                               f"{', '.join(f'{o} in {list(a)}' for o, a in p.when)}; a variant sets only "
+                               "parameters that always apply")
+            depends = [q.name for q in space if any(o == name for o, _ in q.when)]
+            if depends:
+                raise _Invalid(f"{where}.{name}: {', '.join(depends)} depends on it; a variant sets only "
+                               "parameters nothing depends on")
+            field = split_target(p.target)[0]
+            if field in ("model", "model_params"):
+                raise _Invalid(f"{where}.{name}: sets {p.target}, the network itself; a variant changes how a "
+                               "finalist trains, not its network")
+            if field == "epochs":
+                raise _Invalid(f"{where}.{name}: sets epochs; the final budget is final.epochs")
+        entry = {k: float(v) if by_name[k].type == "float" else v for k, v in variant.items()}
+        if entry in out:
+            raise _Invalid(f"{where}: the same as final.variants[{out.index(entry)}]")
+        out.append(entry)
+    return tuple(out)
+
+
+def _parse_final(doc: Mapping[str, Any], enqueue: tuple[dict, ...], head: Mapping[str, Any],
+                 space: tuple[Param, ...]) -> FinalSpec | None:
     if "final" not in doc:
         return None
     table = _table(doc, "final", FINAL_KEYS)
@@ -490,7 +540,8 @@ def _parse_final(doc: Mapping[str, Any], enqueue: tuple[dict, ...], head: Mappin
                       seeds=_int_key(table, "final", "seeds", d.seeds),
                       average_last=_int_key(table, "final", "average_last", d.average_last),
                       baseline=_starts_key(table, enqueue),
-                      pick=picks[0] if picks else None, more_picks=picks[1:])
+                      pick=picks[0] if picks else None, more_picks=picks[1:],
+                      variants=_parse_variants(table.get("variants", []), space))
     epochs = final.epochs
     if epochs is not None and final.average_last > epochs:
         raise _Invalid(f"final.average_last: {final.average_last} epochs, more than the final "

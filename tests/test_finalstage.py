@@ -512,3 +512,103 @@ def test_the_summary_line_says_where_the_stage_is():
     assert finalstage.summary_line(res | {"finalists": finalists[:1]}).endswith("chosen from 1 finalist on validation)")
     assert finalstage.summary_line({"finalists": finalists[1:], "seeds": [], "chosen": None, "done": False,
                                     "test_mean": None}) == "final stage: 0/1 finalist trained"
+
+
+TWIN = "\n[final]\nfinalists = 2\nepochs = 3\nseeds = 1\nbaseline = false\nvariants = [{ lr = 0.02 }]\n"
+
+
+def _trial(number: int, value: float, **params) -> optuna.trial.FrozenTrial:
+    dists = {"lr": optuna.distributions.FloatDistribution(1e-6, 3e-2, log=True),
+             "optimizer": optuna.distributions.CategoricalDistribution(["sgd", "adam"]),
+             "momentum": optuna.distributions.FloatDistribution(0.0, 0.95)}
+    t = optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params}, value=value)
+    t.number = number
+    return t
+
+
+def test_each_search_finalist_gets_its_twin_next_to_it_and_a_start_none(tmp_path):
+    spec = spec_mod.load_spec(tiny_study(tmp_path, enqueue=BASELINE + TWIN.replace("baseline = false", "baseline = 1")))
+    assert spec.final.variants == ({"lr": 0.02},)
+    trials = [_trial(0, 0.5, lr=3e-3, optimizer="adam"), _trial(1, 0.9, lr=1e-3, optimizer="sgd", momentum=0.9),
+              _trial(2, 0.8, lr=0.02, optimizer="adam")]
+    jobs, notes = finalstage.finalist_jobs(trials, spec)
+    # trial 1 and its twin, trial 2 (already at lr 0.02: no twin), then the start (trial 0) as written
+    assert [(j["source_trial"], j["params"], j["variant"]) for j in jobs] == [
+        (1, {"lr": 1e-3, "optimizer": "sgd", "momentum": 0.9}, None),
+        (1, {"lr": 0.02, "optimizer": "sgd", "momentum": 0.9}, {"lr": 0.02}),
+        (2, {"lr": 0.02, "optimizer": "adam"}, None),
+        (0, {"lr": 3e-3, "optimizer": "adam"}, None)]
+    assert jobs[1]["rank"] == 1 and not jobs[1]["baseline"]
+    assert "trial 1 with lr=0.02: a twin of trial 1 (final.variants), added as a finalist" in notes
+    assert finalstage.label(jobs[1]) == "trial 1 with lr=0.02" and finalstage.label(jobs[0]) == "trial 1"
+    # a twin that is another finalist's params is that finalist, not a second job
+    same = [_trial(1, 0.9, lr=1e-3, optimizer="adam"), _trial(2, 0.8, lr=0.02, optimizer="adam")]
+    jobs, _ = finalstage.finalist_jobs(same, spec)
+    assert [(j["source_trial"], j["variant"]) for j in jobs] == [(1, None), (2, None), (None, None)]  # no trial 0 here
+
+
+def test_a_twin_trains_from_the_start_and_its_label_follows_it_to_status_and_report(tmp_path):
+    url, spec = _study(tmp_path, final=TWIN, n_trials=3)
+    create = runner.invoke(app, ["create", str(tmp_path / "fin.toml"), "--storage", url])
+    assert "the final stage: 2 finalists, each also with lr=0.02 for 3 epochs" in create.output, create.output
+    run_worker("fin", url, device="cpu", worker_index=0)
+    res = _results(url)
+    assert res["done"]
+    plain = [f for f in res["finalists"] if f["variant"] is None]
+    twins = [f for f in res["finalists"] if f["variant"] is not None]
+    assert plain and len(twins) == sum(f["params"]["lr"] != 0.02 for f in plain)  # one at lr 0.02 has none
+    by_number = {t.number: t for t in _child_trials(url)}
+    for f in twins:
+        assert f["params"]["lr"] == 0.02 and f["state"] == "COMPLETE" and len(f["history"]) == 3
+        assert "continued_from" not in by_number[f["number"]].user_attrs  # the source's kept state is not its run
+    for f in plain:  # 3 epochs, no schedule: the plain finalists carry their trials' runs on
+        assert by_number[f["number"]].user_attrs["continued_from"]["trial"] == f["source_trial"]
+    chosen = res["chosen"]
+    assert res["seeds"][0]["variant"] == chosen["variant"]
+    assert res["config"]["lr"] == chosen["params"]["lr"]
+    status = runner.invoke(app, ["status", "fin", "--storage", url])
+    assert status.exit_code == 0 and f"({finalstage.label(chosen)}, " in status.output, status.output
+    assert "a twin of trial" in status.output
+    report = runner.invoke(app, ["report", "fin", "--storage", url, "-o", str(tmp_path / "r.html")])
+    assert report.exit_code == 0, report.output
+    assert f"trial {twins[0]['source_trial']} with lr=0.02" in (tmp_path / "r.html").read_text()
+    export = runner.invoke(app, ["export", "fin", "--storage", url, "-o", str(tmp_path / "f.json")])
+    assert export.exit_code == 0, export.output
+    doc = json.loads((tmp_path / "f.json").read_text())
+    assert doc["provenance"]["final"]["chosen_finalist"]["variant"] == chosen["variant"]
+
+
+@pytest.mark.parametrize("variants, fragment", [
+    ("[{ nope = 1 }]", "final.variants[0].nope: no such parameter (parameters: lr, optimizer, momentum)"),
+    ("[{ lr = 1.0 }]", "final.variants[0].lr: 1.0 is outside the space (float in [1e-06, 0.03])"),
+    ("[{ lr = \"high\" }]", "final.variants[0].lr: 'high' is outside the space"),
+    ("[{ optimizer = \"rmsprop\" }]", "final.variants[0].optimizer: 'rmsprop' is outside the space"),
+    ("[{ momentum = 0.9 }]", "final.variants[0].momentum: applies only when optimizer in ['sgd']"),
+    ("[{ optimizer = \"adam\" }]", "final.variants[0].optimizer: momentum depends on it"),
+    ("[{ lr = 0.01 }, {}]", "final.variants[1]: an empty table"),
+    ("[{ lr = 0.01 }, { lr = 1e-2 }]", "final.variants[1]: the same as final.variants[0]"),
+    ("{ lr = 0.01 }", "final.variants: expected a list of tables"),
+    ("[\"lr\"]", "final.variants: expected a list of tables"),
+])
+def test_a_bad_variant_is_one_line_at_load(tmp_path, variants, fragment):
+    path = tiny_study(tmp_path, enqueue=f"[final]\nvariants = {variants}\n")
+    with pytest.raises(SpecError) as err:
+        spec_mod.load_spec(path)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+    result = runner.invoke(app, ["create", str(path), "--storage", f"sqlite:///{tmp_path}/v.db"])
+    assert_one_line_error(result, fragment)
+    assert not (tmp_path / "v.db").exists() or not optuna.get_all_study_names(f"sqlite:///{tmp_path}/v.db")
+
+
+def test_a_variant_may_not_change_the_network_and_variants_round_trip(tmp_path):
+    width = '[space.width]\ntype = "categorical"\nchoices = [1.0, 2.0]\ntarget = "model_params.width"\n'
+    path = tiny_study(tmp_path, enqueue=width + "[final]\nvariants = [{ width = 2.0 }]\n")
+    path.write_text(path.read_text().replace('model = "convnet"', 'model = "cifar_threeconv_bn"'))
+    with pytest.raises(SpecError, match=r"final.variants\[0\].width: sets model_params.width, the network itself"):
+        spec_mod.load_spec(path)
+    spec = spec_mod.load_spec(tiny_study(tmp_path, name="ok", enqueue="[final]\nvariants = [{ lr = 1e-2 }]\n"))
+    doc = spec_mod.spec_to_dict(spec)
+    assert doc["final"]["variants"] == [{"lr": 0.01}]
+    assert spec_mod.spec_from_dict(doc) == spec == spec_mod.spec_from_dict(json.loads(json.dumps(doc)), validate=False)
+    assert "variants" not in spec_mod.spec_to_dict(spec_mod.load_spec(tiny_study(tmp_path, name="no",
+                                                                                enqueue="[final]\n")))["final"]
