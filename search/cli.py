@@ -469,8 +469,8 @@ def create(
         if f.variants:  # twins of each search finalist (finalstage._with_twins)
             from search.finalstage import label
 
-            start = (", each also " + " and ".join(label({"variant": v}).removeprefix("the start ")
-                                                    for v in f.variants) + start)
+            withs = " and ".join(label({"variant": v}).removeprefix("the start ") for v in f.variants)
+            start = (f" (and its twin {withs})" if f.finalists == 1 else f" (each also as a twin {withs})") + start
         picks = (f"for pick {f.pick}" if len(f.picks) == 1 else f"for each of {len(f.picks)} picks "
                  f"({', '.join(f.picks)})") + ": " if f.picks else ""
         out.print(f"  then the final stage: {picks}{f.finalists} finalist{'' if f.finalists == 1 else 's'}{start} for {epochs} epochs"

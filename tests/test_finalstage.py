@@ -550,7 +550,10 @@ def test_each_search_finalist_gets_its_twin_next_to_it_and_a_start_none(tmp_path
 def test_a_twin_trains_from_the_start_and_its_label_follows_it_to_status_and_report(tmp_path):
     url, spec = _study(tmp_path, final=TWIN, n_trials=3)
     create = runner.invoke(app, ["create", str(tmp_path / "fin.toml"), "--storage", url])
-    assert "the final stage: 2 finalists, each also with lr=0.02 for 3 epochs" in create.output, create.output
+    assert "the final stage: 2 finalists (each also as a twin with lr=0.02) for 3 epochs" in create.output, create.output
+    one = runner.invoke(app, ["create", str(tmp_path / "fin.toml"), "--storage", f"sqlite:///{tmp_path}/one.db",
+                              "--set", "final.finalists=1", "--set", "final.baseline=1"])
+    assert "1 finalist (and its twin with lr=0.02) and the start for 3 epochs" in one.output, one.output
     run_worker("fin", url, device="cpu", worker_index=0)
     res = _results(url)
     assert res["done"]
