@@ -132,20 +132,24 @@ def warm_start_params(spec, storage) -> tuple[list[tuple[dict, str]], tuple[str,
         raise StudyError(f"warm_start.study: study {other!r} has no completed trial to start from")
     final = finalstage.results(study, other_spec)
     chosen = final["chosen"]["source_trial"] if final and final["chosen"] else None
-    if chosen is not None:  # what its final stage picked goes first
+    configs = [(dict(t.params), f"{other} trial {t.number}") for t in picked]
+    if final and final["chosen"] and final["chosen"]["variant"]:  # a twin (final.variants): its own params first
+        configs = [(dict(final["chosen"]["params"]), f"{other} {finalstage.label(final['chosen'])}"), *configs[:-1]]
+    elif chosen is not None:  # what its final stage picked goes first
         picked = sorted(picked, key=lambda t: t.number != chosen)
         if chosen not in [t.number for t in picked]:
             picked = [next(t for t in trials if t.number == chosen), *picked[:-1]]
+        configs = [(dict(t.params), f"{other} trial {t.number}") for t in picked]
     by_name = {p.name: p for p in spec.space}
     out, notes = [], []
-    for t in picked:
-        fits = {k: v for k, v in t.params.items() if k in by_name and space.contains(by_name[k], v)}
-        dropped = [f"{k}={v!r}" for k, v in t.params.items() if k not in fits]
+    for params, source in configs:
+        fits = {k: v for k, v in params.items() if k in by_name and space.contains(by_name[k], v)}
+        dropped = [f"{k}={v!r}" for k, v in params.items() if k not in fits]
         if dropped:
-            notes.append(f"warm_start: {other} trial {t.number}: {', '.join(dropped)} "
+            notes.append(f"warm_start: {source}: {', '.join(dropped)} "
                          f"do{'es' if len(dropped) == 1 else ''} not fit this study's space; dropped")
         if fits:
-            out.append((fits, f"{other} trial {t.number}"))
+            out.append((fits, source))
     return out, tuple(notes)
 
 

@@ -579,6 +579,11 @@ def test_a_twin_trains_from_the_start_and_its_label_follows_it_to_status_and_rep
     assert export.exit_code == 0, export.output
     doc = json.loads((tmp_path / "f.json").read_text())
     assert doc["provenance"]["final"]["chosen_finalist"]["variant"] == chosen["variant"]
+    # a study warm-started from this one begins with the config its final stage chose, twin or not
+    path = tmp_path / "warm.toml"
+    path.write_text(tiny_study(tmp_path, name="warm", n_trials=3).read_text() + '\n[warm_start]\nstudy = "fin"\n')
+    first = study_mod.warm_start_params(spec_mod.load_spec(path), open_storage(url, heartbeat_interval=None))[0][0]
+    assert first == (chosen["params"], f"fin {finalstage.label(chosen)}")
 
 
 @pytest.mark.parametrize("variants, fragment", [
