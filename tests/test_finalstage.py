@@ -620,3 +620,30 @@ def test_a_variant_may_not_change_the_network_and_variants_round_trip(tmp_path):
     assert spec_mod.spec_from_dict(doc) == spec == spec_mod.spec_from_dict(json.loads(json.dumps(doc)), validate=False)
     assert "variants" not in spec_mod.spec_to_dict(spec_mod.load_spec(tiny_study(tmp_path, name="no",
                                                                                 enqueue="[final]\n")))["final"]
+
+
+def test_with_several_picks_a_twin_serves_its_sources_picks_and_keeps_its_size(tmp_path):
+    width = '[space.width]\ntype = "categorical"\nchoices = [2, 8, 32]\ntarget = "model_params.channels[1]"\n'
+    path = tiny_study(tmp_path, name="mo", extra_study='objectives = ["val_acc", "n_params"]',
+                      enqueue=width + '\n[final]\npick = ["knee", "max_params=700"]\nfinalists = 2\n'
+                                      'variants = [{ lr = 0.02 }]\n')
+    spec = spec_mod.load_spec(path)
+    dists = {"lr": optuna.distributions.FloatDistribution(1e-6, 3e-2, log=True),
+             "optimizer": optuna.distributions.CategoricalDistribution(["sgd", "adam"]),
+             "width": optuna.distributions.CategoricalDistribution([2, 8, 32])}
+    trials = []
+    for number, (acc, size, w) in enumerate([(0.80, 500, 2), (0.90, 1000, 8), (0.95, 3000, 32), (0.70, 2000, 8)]):
+        t = optuna.trial.create_trial(params={"lr": 1e-3, "optimizer": "adam", "width": w}, distributions=dists,
+                                      values=[acc, size])
+        t.number = number
+        trials.append(t)
+    jobs, notes = finalstage.finalist_jobs(trials, spec)
+    plain = {j["source_trial"]: j for j in jobs if j["variant"] is None}
+    twins = [j for j in jobs if j["variant"] is not None]
+    assert sorted(j["source_trial"] for j in twins) == sorted(plain)  # one twin each, never two
+    for twin in twins:
+        source = plain[twin["source_trial"]]
+        assert twin["picks"] == source["picks"] and twin["pick_ranks"] == source["pick_ranks"]
+        assert twin["params"] == {**source["params"], "lr": 0.02}  # the same width: the same network
+    assert sorted(len(j["picks"]) for j in twins) == [1, 2]  # the knee's alone; one both picks share, once
+    assert [j["source_trial"] for j in jobs].count(1) == 2
