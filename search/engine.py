@@ -490,6 +490,7 @@ def train_epochs(state: TrainState, ds) -> Iterator[dict]:
             state.stop_reason = "finished"
             return
         _restore_rng(state.rng, device)
+        threads = torch.get_num_threads()  # launched CPU workers change it between epochs (search/cores.py)
         t0 = time.perf_counter()
         model.train()
         perm = torch.randperm(n, generator=state.generator).to(device)
@@ -520,6 +521,8 @@ def train_epochs(state: TrainState, ds) -> Iterator[dict]:
         metrics = {"epoch": epoch, "train_loss": train_loss, "train_acc": correct.item() / seen,
                    "lr": opt.param_groups[0]["lr"], "train_seconds": train_seconds,
                    "samples_per_s": seen / train_seconds}
+        if device.type == "cpu" and torch.get_num_threads() == threads:  # not changed during the epoch
+            metrics["threads"] = threads
         if has_val:
             metrics["val_loss"], metrics["val_acc"] = evaluate(model, ds.val_x, ds.val_y, norm, bf16=bf16,
                                                                forward=state.forward, tta_flip=cfg.tta_flip)

@@ -62,6 +62,7 @@ READY_ATTR = "finalists_enqueued"  # child study user attr, set last by its crea
 SEEDS_CLAIM = "seed_plan:"  # claim_numbered_attr prefix: index 0 enqueues the seed runs
 SEEDS_ATTR = "seeds_enqueued"  # child study user attr: the chosen finalist's trial number, once seeds are queued
 RUNNING_EPOCHS_ATTR = "epoch_train_seconds"  # final job user attr: each epoch's training seconds as it trains
+RUNNING_THREADS_ATTR = "epoch_threads"  # final job user attr: those epochs' CPU threads (None: GPU, or changed)
 CHOSEN_ATTR = "chosen_per_pick"  # child study user attr: each pick's chosen finalist (trial number or None)
 NOTES_ATTR = "notes"  # child study user attr: what the stage says to the user (fewer finalists than asked, ...)
 KEPT_ATTR = "kept_for_final"  # search trial user attr: its last checkpoint stays for a finalist to carry on
@@ -595,6 +596,7 @@ def make_job(spec, *, device: str = "auto", on_epoch: Callable[[int, int, dict],
             state = ckpt.state
 
         trained: list[float] = []  # the training seconds of each epoch this run trains (not resumed ones)
+        threads: list[int | None] = []  # and the CPU threads each trained on (search/cores.py, search/pace.py)
 
         def report(epoch: int, m: dict, save: bool = True) -> None:
             if metric in m and math.isfinite(m[metric]):
@@ -603,7 +605,9 @@ def make_job(spec, *, device: str = "auto", on_epoch: Callable[[int, int, dict],
                 ckpt.save()
                 if "train_seconds" in m:  # while it runs, status times what is left by these (search/pace.py)
                     trained.append(round(m["train_seconds"], 3))
+                    threads.append(m.get("threads"))
                     trial.set_user_attr(RUNNING_EPOCHS_ATTR, trained)
+                    trial.set_user_attr(RUNNING_THREADS_ATTR, threads)
             if on_epoch is not None:
                 on_epoch(trial.number, epoch, m)
 
@@ -687,6 +691,7 @@ def results(parent: optuna.Study, spec, pick: int = 0) -> dict | None:
                 "continued_from": a.get("continued_from"), "resumed_from_epoch": a.get("resumed_from_epoch"),
                 "reused_from": a.get("reused_from"), "params": dict(t.params), "host": a.get("host"),
                 "epoch_train_seconds": a.get(RUNNING_EPOCHS_ATTR, []), "variant": a.get("variant"),
+                "epoch_threads": a.get(RUNNING_THREADS_ATTR, []),
                 "device": a.get("device"), "chosen": a.get("chosen")}
 
     finalist_trials = list(_latest(trials, "finalist").values())

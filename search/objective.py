@@ -72,15 +72,18 @@ def make_objective(spec, *, device: str = "auto", on_epoch: EpochProgress | None
             raise OverBudget(f"study budget of {spec.n_trials} trials already taken")
         epoch_seconds: list[float] = []
         train_seconds: list[float] = []  # the training part of each epoch's seconds (search/pace.py)
+        threads: list[int | None] = []  # each epoch's CPU threads (None: a GPU, or changed mid-epoch)
         curve: list[float] = []
 
         def keep_seconds() -> None:
             trial.set_user_attr("epoch_seconds", epoch_seconds)
             trial.set_user_attr("epoch_train_seconds", train_seconds)
+            trial.set_user_attr("epoch_threads", threads)
 
         def report(epoch: int, m: dict, save: bool = True) -> None:
             epoch_seconds.append(round(m["seconds"], 3))
             train_seconds.append(round(m.get("train_seconds", m["seconds"]), 3))
+            threads.append(m.get("threads"))
             if multi:
                 curve.append(m[metric])
                 trial.set_user_attr("curve", curve)
@@ -157,6 +160,7 @@ def make_objective(spec, *, device: str = "auto", on_epoch: EpochProgress | None
             last = result.history[-1]
             epoch_seconds.append(round(last["seconds"], 3))
             train_seconds.append(round(last.get("train_seconds", last["seconds"]), 3))
+            threads.append(last.get("threads"))
         keep_seconds()
         trial.set_user_attr("train_seconds", round(time.perf_counter() - started, 3))
         trial.set_user_attr("stop_reason", result.stop_reason)

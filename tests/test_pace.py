@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import optuna
 import pytest
+import torch
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 from typer.testing import CliRunner
@@ -59,8 +60,9 @@ def test_pace_is_images_over_seconds_and_what_is_left_is_shared_among_the_worker
     # 1 more seed run of 4 epochs: one worker does them one after the other
     assert one.final_s == pytest.approx((3 * 4 * 400 + 4 * 400) / 100)
     two = pace.project(trials, spec, None, workers=2)
-    assert two.search_s == pytest.approx(3 * 1.5 / 2)
-    assert two.final_s == pytest.approx(3 * 4 * 400 / 100 / 2 + 4 * 400 / 100)  # a lone seed run: 1 worker
+    # a job is not split: two trials side by side, then the third alone (no faster: none measured it)
+    assert two.search_s == pytest.approx(1.5 + 1.5)
+    assert two.final_s == pytest.approx(2 * 4 * 400 / 100 + 4 * 400 / 100)  # so are the third finalist and the seed run
     # workers by default: the trials running now (here one, 1 epoch in, so 0.5 epoch left)
     running = _trial(TrialState.RUNNING, [1.0])
     by_default = pace.project([*trials, running], spec, None)
@@ -181,6 +183,10 @@ def test_a_run_records_its_images_and_status_prints_the_pace(tmp_path):
         carried = (r["continued_from"] or {}).get("epoch", 0) if r["reused_from"] is None else len(r["history"])
         assert len(r["epoch_train_seconds"]) == len(r["history"]) - carried
         assert r["epoch_train_seconds"] == [round(h["train_seconds"], 3) for h in r["history"][carried:]]
+        # and the CPU threads each epoch trained on (no launch here: torch's own, unchanged)
+        assert r["epoch_threads"] == [torch.get_num_threads()] * len(r["epoch_train_seconds"])
+    assert all(t.user_attrs["epoch_threads"] == [torch.get_num_threads()] * len(t.user_attrs["epoch_seconds"])
+               for t in trials)
     done = info["projection"]
     assert done.search_s == 0 and done.final_s == 0
     status = runner.invoke(app, ["status", "p", "--storage", url, "--workers", "2"])
@@ -217,3 +223,34 @@ def test_status_refuses_a_workers_count_below_one(tmp_path):
         result = runner.invoke(app, ["status", "p", "--storage", url, "--workers", bad])
         assert result.exit_code == 2 and "--workers" in result.output and "Traceback" not in result.output
     assert [t.state for t in optuna.load_study(study_name="p", storage=url).trials] == before
+
+
+def test_a_job_left_to_run_alone_goes_as_much_faster_as_the_study_measured(tmp_path):
+    spec = _spec(tmp_path)  # 5 trials; final: 2 finalists and the start, 4 epochs on 400 images, 2 seeds
+    plain = [_trial(TrialState.COMPLETE, [1.0, 1.0], epoch_threads=[1, 1], lr=1e-2),
+             _trial(TrialState.COMPLETE, [1.0, 1.0], lr=2e-2)]
+    # the search's last trial ran alone: its first epoch on launch's 1 thread, then on 2, 1.6x faster
+    alone = _trial(TrialState.COMPLETE, [1.0, 0.625, 0.625], epoch_threads=[1, 2, 2], lr=3e-2)
+    assert pace.speedups([pace._epochs_of(t) for t in [*plain, alone]]) == {2: 1.6}
+    before = pace.project([*plain, alone], spec, None, workers=2)
+    # its epochs count as on 1 thread (1 + 2 x 0.625 x 1.6 = 3 s: 100 images/s), like the others'
+    assert before.pace.images_per_s == pytest.approx(100)
+    job = 4 * 400 / 100  # a final run: 16 s on 1 thread
+    # 3 finalists (two trials and the start): two side by side, the third alone at 1.6x; then the
+    # one seed run left, alone too
+    assert before.final_s == pytest.approx(job + job / 1.6 + job / 1.6)
+    unmeasured = pace.project([*plain, _trial(TrialState.COMPLETE, [1.0, 1.0, 1.0], lr=3e-2)], spec, None, workers=2)
+    assert unmeasured.final_s == pytest.approx(3 * job)  # as before: no speedup known, none assumed
+
+    def row(state, done, trained=(), threads=()):
+        return {"number": 9, "source_trial": 0, "state": state, "epochs": 4, "epochs_done": done, "history": [],
+                "epoch_train_seconds": list(trained), "epoch_threads": list(threads), "seconds": None,
+                "train_images": 400, "chosen": 9}
+
+    finalist = {**row("COMPLETE", 4), "history": [{"epoch": e, "train_seconds": 4.0, "threads": 1, "val_acc": 0.5}
+                                                   for e in range(4)]}
+    # the seed run alone, on 2 threads since its second epoch (2.5 s an epoch): timed at that pace,
+    # not slowed back to 1 thread because only one worker trains now (workers by default: 1)
+    final = {"all_finalists": [finalist], "seeds": [row("RUNNING", 2, [4.0, 2.5], [1, 2])], "chosen": finalist,
+             "done": False}
+    assert pace.project([*plain, alone], spec, final).final_s == pytest.approx(2 * 2.5)
