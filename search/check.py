@@ -498,6 +498,39 @@ def budget_warnings(spec: Any) -> tuple[str, ...]:
     if isinstance(least, int) and least >= epochs:
         found.append(f"pruner.kwargs.min_resource: {least} epochs before the first rung, with at most {epochs} "
                      f"epochs: {spec.pruner.name} will never prune; lower min_resource or raise epochs")
+    return tuple(found) + _step_warnings(spec, epochs)
+
+
+def _step_warnings(spec: Any, epochs: int) -> tuple[str, ...]:
+    """StepLR whose first step comes after the trial's last epoch: the trial trains at a constant
+    lr, the search ranks it so, and a final stage that stretches the schedule keeps it constant.
+    A range written for longer trials (a study's 40 epochs cut to 8 for a CPU, say) does this to
+    most of the trials that draw StepLR."""
+    found = []
+    for p in spec.space:
+        if p.target != "step_size" or p.type == "float":
+            continue
+        if p.type == "categorical":
+            never = [c for c in p.choices if isinstance(c, int) and not isinstance(c, bool) and c >= epochs]
+            span = ", ".join(map(str, never))
+        else:  # the first value on the range's grid from `epochs` on
+            step = p.step or 1
+            first = max(p.low, p.low + -(-(epochs - p.low) // step) * step)
+            never = [first] if first <= p.high else []
+            span = f"{first} to {p.high}" if first < p.high else f"{first}"
+        if never:
+            found.append(f"space.{p.name}: step_size {span} never steps in a trial of at most {epochs} epochs: "
+                         f"StepLR at a constant lr, ranked and kept so; keep the range below {epochs} "
+                         "(a step every few epochs)")
+    fixed = spec.fixed.get("step_size")
+    if isinstance(fixed, int) and fixed >= epochs and not any(p.target == "step_size" for p in spec.space):
+        found.append(f"fixed.step_size: {fixed} never steps in a trial of at most {epochs} epochs: StepLR at "
+                     f"a constant lr; keep it below {epochs}")
+    for i, start in enumerate(spec.enqueue):
+        size = next((v for k, v in start.items() for p in spec.space if p.name == k and p.target == "step_size"), None)
+        if isinstance(size, int) and size >= epochs and start.get("scheduler", spec.fixed.get("scheduler")) == "step":
+            found.append(f"enqueue[{i}]: step_size {size} never steps in a trial of at most {epochs} epochs: "
+                         "the start trains at a constant lr")
     return tuple(found)
 
 

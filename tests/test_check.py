@@ -256,12 +256,36 @@ def test_create_warns_when_the_budget_leaves_the_sampler_or_pruner_nothing_to_do
     shipped = load_spec("studies/mnist_pooling.toml")
     assert budget_warnings(shipped) == ()
     small = load_spec("studies/mnist_pooling.toml", ["study.n_trials=10", "fixed.epochs=3"])
-    lines = budget_warnings(small)
+    lines = [w for w in budget_warnings(small) if "step_size" not in w]  # those: the test below
     assert len(lines) == 2
     assert lines[0].startswith("sampler.kwargs.n_startup_trials: 10 random start-up trials take the whole budget of 10")
     assert lines[1].startswith("pruner.kwargs.n_warmup_steps: 2 steps of warm-up with at most 3 epochs")
     patient = load_spec("studies/mnist_pooling.toml", ["study.n_trials=4", "sampler.kwargs.n_startup_trials=2"])
     assert [w.split(":")[0] for w in budget_warnings(patient)] == ["pruner.kwargs.n_startup_trials"]
+
+
+@pytest.mark.parametrize("study, sets, expected", [
+    # the three-conv study's 40-epoch range and hand-tuned start cut to 8-epoch trials (a CPU budget)
+    ("cifar10_threeconv", ["fixed.epochs=8", "pruner.kwargs.max_resource=8"],
+     ["space.step_size: step_size 10 to 30 never steps in a trial of at most 8 epochs",
+      "enqueue[0]: step_size 20 never steps in a trial of at most 8 epochs"]),
+    ("mnist_convfc", ["fixed.epochs=3"], ["space.step_size: step_size 3 to 4 never steps in a trial of at most 3",
+                                          "enqueue[1]: step_size 4 never steps in a trial of at most 3"]),
+    ("mnist_convfc", ["fixed.epochs=4"], ["space.step_size: step_size 4 never steps in a trial of at most 4",
+                                          "enqueue[1]: step_size 4 never steps in a trial of at most 4"]),
+    ("mnist_convfc", ["space.step_size.high=12"],
+     ["space.step_size: step_size 8 to 12 never steps in a trial of at most 8"]),
+    ("mnist_convfc", [], []),
+])
+def test_create_warns_when_a_steplr_step_never_comes_within_a_trial(study, sets, expected):
+    """StepLR with a step_size of at least the trial's epochs trains at a constant lr: ranked so by
+    the search and kept so by the final stage's stretched schedule (a 14-trial three-conv CPU run
+    with 8-epoch trials: 3 of its 5 StepLR trials, the chosen one among them, never stepped)."""
+    from search.check import budget_warnings
+    from search.spec import load_spec
+
+    lines = [w for w in budget_warnings(load_spec(f"studies/{study}.toml", sets)) if "step_size" in w]
+    assert len(lines) == len(expected) and all(w.startswith(e) for w, e in zip(lines, expected)), lines
 
 
 @pytest.mark.parametrize("drop, left", [(["batch_size"], "batch_size"),
