@@ -229,7 +229,7 @@ def train(
 
 StudySetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", "-s", help="Override the study file: section.key=value, e.g. study.n_trials=12, "
-    "data.subset=10000, fixed.epochs=4 (JSON values).")]
+    "data.subset=10000, fixed.epochs=4, enqueue[0].step_size=4 (a start's key; null removes it) (JSON values).")]
 StorageOpt = Annotated[Optional[str], typer.Option("--storage", envvar="CNNSEARCH_STORAGE",
                                                   help="Database URL (default: $CNNSEARCH_STORAGE, else the "
                                                   "one line of the mode-0600 file named by $CNNSEARCH_STORAGE_FILE, "

@@ -184,10 +184,12 @@ def load_spec(path: str | Path, overrides: list[str] | None = None, data_dir: st
     except tomllib.TOMLDecodeError as err:
         raise SpecError(f"{path}: not valid TOML ({err})") from None
     if overrides:
+        starts = [o for o in overrides if _START_KEY.match(o)]
         try:
-            doc = config.merge(doc, config.parse_overrides(overrides))
+            doc = config.merge(doc, config.parse_overrides([o for o in overrides if o not in starts]))
         except config.ConfigError as err:
             raise SpecError(f"{path}: {err}") from None
+        doc = _set_starts(doc, starts, path)
     spec = spec_from_dict(doc, source=str(path))
     try:
         check.check_spec(with_data_dir(spec, data_dir))
@@ -208,6 +210,30 @@ def with_data_dir(spec: StudySpec, data_dir: str | None = None) -> StudySpec:
     if chosen == spec.data.get("data_dir"):
         return spec
     return dataclasses.replace(spec, data={**spec.data, "data_dir": chosen})
+
+
+_START_KEY = re.compile(r"enqueue\[(\d+)\]\.([^.=\[]+)=(.*)", re.S)
+
+
+def _set_starts(doc: dict, pairs: list[str], path: Path) -> dict:
+    """`--set enqueue[0].step_size=4`: one key of one [[enqueue]] start (null removes it, leaving
+    it to the sampler), so that a study cut to shorter trials can cut its start's step too."""
+    if not pairs:
+        return doc
+    doc = copy.deepcopy(doc)
+    entries = doc.get("enqueue", [])
+    for pair in pairs:
+        m = _START_KEY.match(pair)
+        index, key, value = int(m[1]), m[2], config.parse_value(m[3])
+        if not isinstance(entries, list) or index >= len(entries) or not isinstance(entries[index], dict):
+            n = len(entries) if isinstance(entries, list) else 0
+            raise SpecError(f"{path}: --set {pair!r}: the study has {n} [[enqueue]] "
+                            f"{'entry' if n == 1 else 'entries'} (enqueue[0] is the first)")
+        if value is None:
+            entries[index].pop(key, None)
+        else:
+            entries[index][key] = value
+    return doc
 
 
 def spec_from_dict(doc: Mapping[str, Any], source: str = "stored spec", *, validate: bool = True) -> StudySpec:

@@ -387,6 +387,26 @@ def test_overrides_shrink_a_shipped_study_and_are_validated():
         load_spec("studies/mnist_pooling.toml", ["study.n_trials=0"])
 
 
+def test_a_start_is_set_key_by_key_and_checked_like_the_file():
+    """`--set enqueue[0].step_size=4`: the three-conv start's StepLR step (20 of 40 epochs) cut
+    with the trials to 8 epochs; null leaves a key to the sampler; a start that is not there, or
+    a value outside the space, is one line."""
+    from search.spec import SpecError, load_spec
+
+    cut = ["fixed.epochs=8", "pruner.kwargs.max_resource=8", "space.step_size.low=1", "space.step_size.high=6",
+           "space.step_size.step=1"]
+    spec = load_spec("studies/cifar10_threeconv.toml", [*cut, "enqueue[0].step_size=4", "enqueue[1].width=null"])
+    assert spec.enqueue[0]["step_size"] == 4 and spec.enqueue[0]["lr"] == 1e-3 and "width" not in spec.enqueue[1]
+    assert load_spec("studies/cifar10_threeconv.toml").enqueue[0]["step_size"] == 20  # the file is untouched
+    for bad, fragment in ((["enqueue[2].lr=1e-3"], "--set 'enqueue[2].lr=1e-3': the study has 2 [[enqueue]] entries"),
+                          ([*cut], "enqueue[0].step_size: 20 is outside the space (int in [1, 6])"),
+                          (["enqueue[0].lr=5"], "enqueue[0].lr: 5 is outside the space"),
+                          (["enqueue[0].nope=1"], "enqueue[0].nope: no such parameter")):
+        with pytest.raises(SpecError) as info:
+            load_spec("studies/cifar10_threeconv.toml", bad)
+        assert fragment in str(info.value) and "\n" not in str(info.value), info.value
+
+
 # Samplers and pruners checked by use (issue 14, class 2): one trial is drawn on a throwaway
 # in-memory study at create, so a sampler that cannot sample the space is one line there, not a
 # crash (or a spin) in every worker.
