@@ -525,12 +525,7 @@ def _parse_variants(value: Any, space: tuple[Param, ...]) -> tuple[dict, ...]:
         if not variant:
             raise _Invalid(f"{where}: an empty table; give the parameters the twin changes, like {{ flip = true }}")
         for name, v in variant.items():
-            p = by_name.get(name)
-            if p is None:
-                raise _Invalid(f"{where}.{name}: no such parameter (parameters: {', '.join(by_name)})")
-            if not contains(p, v):
-                allowed = list(p.choices) if p.type == "categorical" else f"{p.type} in [{p.low}, {p.high}]"
-                raise _Invalid(f"{where}.{name}: {v!r} is outside the space ({allowed})")
+            p = _param_value(f"{where}.{name}", by_name, name, v)
             if p.when:
                 raise _Invalid(f"{where}.{name}: applies only when "
                                f"{', '.join(f'{o} in {list(a)}' for o, a in p.when)}; a variant sets only "
@@ -643,17 +638,23 @@ def _list(doc: Mapping[str, Any], key: str) -> list:
     return value
 
 
+def _param_value(where: str, by_name: Mapping[str, Param], name: str, value: Any) -> Param:
+    """The parameter `name`, checked to be one of the space's and to take `value`."""
+    p = by_name.get(name)
+    if p is None:
+        raise _Invalid(f"{where}: no such parameter (parameters: {', '.join(by_name)})")
+    if not contains(p, value):
+        allowed = list(p.choices) if p.type == "categorical" else f"{p.type} in [{p.low}, {p.high}]"
+        raise _Invalid(f"{where}: {value!r} is outside the space ({allowed})")
+    return p
+
+
 def _parse_enqueued(i: int, entry: Mapping[str, Any], space: tuple[Param, ...], base: Mapping[str, Any]) -> dict:
     by_name = {p.name: p for p in space}
     out: dict[str, Any] = {}
     for name, value in entry.items():
         where = f"enqueue[{i}].{name}"
-        p = by_name.get(name)
-        if p is None:
-            raise _Invalid(f"{where}: no such parameter (parameters: {', '.join(by_name)})")
-        if not contains(p, value):
-            allowed = list(p.choices) if p.type == "categorical" else f"{p.type} in [{p.low}, {p.high}]"
-            raise _Invalid(f"{where}: {value!r} is outside the space ({allowed})")
+        p = _param_value(where, by_name, name, value)
         for other, allowed in p.when:
             if other not in entry:
                 raise _Invalid(f"{where}: applies only when {other} is one of {list(allowed)}; give {other} too")

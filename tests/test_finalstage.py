@@ -186,12 +186,25 @@ def test_final_config_stretches_steplr_and_uses_all_images(tmp_path):
     ("baseline = -1", "final.baseline: expected true, false or a number of [[enqueue]] entries, got -1"),
     ("baseline = \"all\"", "final.baseline: expected true, false or a number of [[enqueue]] entries, got 'all'"),
     ("baseline = 1.0", "final.baseline: expected true, false or a number"),
+    ("variants = [{ nope = 1 }]", "final.variants[0].nope: no such parameter (parameters: lr, optimizer, momentum)"),
+    ("variants = [{ lr = 1.0 }]", "final.variants[0].lr: 1.0 is outside the space (float in [1e-06, 0.03])"),
+    ("variants = [{ lr = \"high\" }]", "final.variants[0].lr: 'high' is outside the space"),
+    ("variants = [{ optimizer = \"rmsprop\" }]", "final.variants[0].optimizer: 'rmsprop' is outside the space"),
+    ("variants = [{ momentum = 0.9 }]", "final.variants[0].momentum: applies only when optimizer in ['sgd']"),
+    ("variants = [{ optimizer = \"adam\" }]", "final.variants[0].optimizer: momentum depends on it"),
+    ("variants = [{ lr = 0.01 }, {}]", "final.variants[1]: an empty table"),
+    ("variants = [{ lr = 0.01 }, { lr = 1e-2 }]", "final.variants[1]: the same as final.variants[0]"),
+    ("variants = { lr = 0.01 }", "final.variants: expected a list of tables"),
+    ("variants = [\"lr\"]", "final.variants: expected a list of tables"),
 ])
 def test_a_bad_final_section_is_one_line_at_load(tmp_path, section, fragment):
     path = tiny_study(tmp_path, enqueue=f"[final]\n{section}\n")
     with pytest.raises(SpecError, match=None) as err:
         spec_mod.load_spec(path)
     assert fragment in str(err.value) and "\n" not in str(err.value)
+    result = runner.invoke(app, ["create", str(path), "--storage", f"sqlite:///{tmp_path}/v.db"])
+    assert_one_line_error(result, fragment)  # and create stores nothing
+    assert not (tmp_path / "v.db").exists() or not optuna.get_all_study_names(f"sqlite:///{tmp_path}/v.db")
 
 
 def test_the_final_section_round_trips_and_specs_without_it_are_unchanged(tmp_path):
@@ -584,28 +597,6 @@ def test_a_twin_trains_from_the_start_and_its_label_follows_it_to_status_and_rep
     path.write_text(tiny_study(tmp_path, name="warm", n_trials=3).read_text() + '\n[warm_start]\nstudy = "fin"\n')
     first = study_mod.warm_start_params(spec_mod.load_spec(path), open_storage(url, heartbeat_interval=None))[0][0]
     assert first == (chosen["params"], f"fin {finalstage.label(chosen)}")
-
-
-@pytest.mark.parametrize("variants, fragment", [
-    ("[{ nope = 1 }]", "final.variants[0].nope: no such parameter (parameters: lr, optimizer, momentum)"),
-    ("[{ lr = 1.0 }]", "final.variants[0].lr: 1.0 is outside the space (float in [1e-06, 0.03])"),
-    ("[{ lr = \"high\" }]", "final.variants[0].lr: 'high' is outside the space"),
-    ("[{ optimizer = \"rmsprop\" }]", "final.variants[0].optimizer: 'rmsprop' is outside the space"),
-    ("[{ momentum = 0.9 }]", "final.variants[0].momentum: applies only when optimizer in ['sgd']"),
-    ("[{ optimizer = \"adam\" }]", "final.variants[0].optimizer: momentum depends on it"),
-    ("[{ lr = 0.01 }, {}]", "final.variants[1]: an empty table"),
-    ("[{ lr = 0.01 }, { lr = 1e-2 }]", "final.variants[1]: the same as final.variants[0]"),
-    ("{ lr = 0.01 }", "final.variants: expected a list of tables"),
-    ("[\"lr\"]", "final.variants: expected a list of tables"),
-])
-def test_a_bad_variant_is_one_line_at_load(tmp_path, variants, fragment):
-    path = tiny_study(tmp_path, enqueue=f"[final]\nvariants = {variants}\n")
-    with pytest.raises(SpecError) as err:
-        spec_mod.load_spec(path)
-    assert fragment in str(err.value) and "\n" not in str(err.value)
-    result = runner.invoke(app, ["create", str(path), "--storage", f"sqlite:///{tmp_path}/v.db"])
-    assert_one_line_error(result, fragment)
-    assert not (tmp_path / "v.db").exists() or not optuna.get_all_study_names(f"sqlite:///{tmp_path}/v.db")
 
 
 def test_a_variant_may_not_change_the_network_and_variants_round_trip(tmp_path):
