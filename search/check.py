@@ -523,7 +523,10 @@ def _step_warnings(spec: Any, epochs: int) -> tuple[str, ...]:
                          f"StepLR at a constant lr, ranked and kept so; keep the range below {epochs} "
                          "(a step every few epochs)")
     fixed = spec.fixed.get("step_size")
-    if isinstance(fixed, int) and fixed >= epochs and not any(p.target == "step_size" for p in spec.space):
+    stepped = spec.fixed.get("scheduler") == "step" or any(
+        p.target == "scheduler" and p.type == "categorical" and "step" in p.choices for p in spec.space)
+    if (isinstance(fixed, int) and fixed >= epochs and stepped
+            and not any(p.target == "step_size" for p in spec.space)):
         found.append(f"fixed.step_size: {fixed} never steps in a trial of at most {epochs} epochs: StepLR at "
                      f"a constant lr; keep it below {epochs}")
     for i, start in enumerate(spec.enqueue):

@@ -394,8 +394,9 @@ def _final_section(final: dict, name: str) -> str:
                  f"<code>cnnsearch export {esc(name)} --pick RULE --model final.pt</code> writes its model. "
                  "The tables below are the first pick's.</p>"
                  + table(("pick", "search trial", "n_params", "test acc (mean)", "± std", "seeds tested"),
-                         [(p["rule"], finalstage.label(p["chosen"]) if p["chosen"] else "-", num(p["n_params"], "{:,}"), num(p["test_mean"], "{:.2%}"),
-                           num(p["test_std"], "{:.2%}"), p["tested"]) for p in final["picks"]]))
+                         [(p["rule"], finalstage.label(p["chosen"]) if p["chosen"] else "-", num(p["n_params"], "{:,}"),
+                           num(p["test_mean"], "{:.2%}"), num(p["test_std"], "{:.2%}"), p["tested"])
+                          for p in final["picks"]]))
     return (f'<section id="final"><h2>Final stage</h2><p>{esc(finalstage.summary_line(final))}.</p>{notes}{picks}'
             f"<p>Finalists: the best search trials (and the study's start), each trained at the final budget "
             f"without reading the test split; the chosen one is the best on validation.</p>{finalists}"

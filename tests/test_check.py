@@ -276,6 +276,9 @@ def test_create_warns_when_the_budget_leaves_the_sampler_or_pruner_nothing_to_do
     ("mnist_convfc", ["space.step_size.high=12"],
      ["space.step_size: step_size 8 to 12 never steps in a trial of at most 8"]),
     ("mnist_convfc", [], []),
+    ("digits_quick", ["fixed.scheduler=\"step\"", "fixed.step_size=8"],
+     ["fixed.step_size: 8 never steps in a trial of at most 8 epochs"]),
+    ("digits_quick", ["fixed.step_size=8"], []),  # no StepLR in this study: the key is never used
 ])
 def test_create_warns_when_a_steplr_step_never_comes_within_a_trial(study, sets, expected):
     """StepLR with a step_size of at least the trial's epochs trains at a constant lr: ranked so by
