@@ -12,6 +12,9 @@
 #     SUBSET (15000) training images, Hyperband from 2 to SEARCH_EPOCHS (12) epochs (rungs at 2
 #     and 6), scored on the full 5,000-image validation split; width multipliers WIDTHS
 #     ([0.5, 1.0, 1.5]: the shipped 2.0 makes a 30-epoch final run about 45 minutes here);
+#     StepLR's step_size scaled to the trials: 1 to SEARCH_EPOCHS - 1 (the shipped 5 to 30 is for
+#     40-epoch trials; a step at or past a trial's last epoch never steps, and create warns so),
+#     and threeconv's hand-tuned start keeps its step at half the trial (20 of 40 there);
 #   final stage: the FINALISTS (2) best trials, each also as its twin with flip and padded crop
 #     (threeconv's `variants`), and the study's starts (threeconv: the hand-tuned one and the same
 #     with augmentation, `baseline = 2`), FINAL_EPOCHS (30) epochs on all
@@ -28,6 +31,12 @@ family=${FAMILY:-threeconv}
 mkdir -p "$out"
 cnnsearch=".venv/bin/cnnsearch"
 name="cifar10_jpeg_${family}_${RUN:-auto}"
+epochs=${SEARCH_EPOCHS:-12}
+steps=(--set space.step_size.low=1 --set "space.step_size.high=$(( epochs > 2 ? epochs - 1 : 1 ))"
+       --set space.step_size.step=1)
+if [ "$family" = threeconv ]; then
+    steps+=(--set "enqueue[0].step_size=$(( epochs > 1 ? epochs / 2 : 1 ))")
+fi
 storage="sqlite:///$out/$name.db"
 if [ -f "$out/$name.db" ] && $cnnsearch status "$name" --storage "$storage" > /dev/null 2>&1; then
     # stopped before (Ctrl-C, a killed session): launch goes on with its trials, from their checkpoints
@@ -38,8 +47,8 @@ $cnnsearch create "studies/cifar10_$family.toml" --storage "$storage" \
     --set data.dataset=folder --set "data.data_dir=$data" \
     --set 'data.data_options={"path": "cifar10-jpeg/cifar10-jpeg.zip", "image_size": 32, "channels": 3}' \
     --set "space.width.choices=${WIDTHS:-[0.5, 1.0, 1.5]}" \
-    --set "data.subset=${SUBSET:-15000}" --set "fixed.epochs=${SEARCH_EPOCHS:-12}" \
-    --set pruner.kwargs.min_resource=2 --set "pruner.kwargs.max_resource=${SEARCH_EPOCHS:-12}" \
+    --set "data.subset=${SUBSET:-15000}" --set "fixed.epochs=$epochs" "${steps[@]}" \
+    --set pruner.kwargs.min_resource=2 --set "pruner.kwargs.max_resource=$epochs" \
     --set "final.finalists=${FINALISTS:-2}" --set "final.epochs=${FINAL_EPOCHS:-30}" \
     --set "final.seeds=${SEEDS:-2}" --set final.average_last=3
 fi
