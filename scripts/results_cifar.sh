@@ -20,6 +20,8 @@
 #     with augmentation, `baseline = 2`), FINAL_EPOCHS (30) epochs on all
 #     45,000 training images (schedules stretched), the best on validation (mean of the last 3
 #     epochs) over SEEDS (2) seeds, the test split read once per seed.
+# SETS: more `--set key=value` for create, separated by spaces (e.g. "enqueue[0].width=2.0
+# final.baseline=0"), for a budget the knobs above do not name.
 # WORKERS (2) worker processes share the cores (1 torch thread each on 2 cores, the ones training
 # taking the waiting ones' threads); RUN names the study (default: auto). Run again with the same
 # RUN and OUT_DIR, a stopped run resumes: its trials and final runs from their last checkpoints.
@@ -37,6 +39,7 @@ steps=(--set space.step_size.low=1 --set "space.step_size.high=$(( epochs > 2 ? 
 if [ "$family" = threeconv ]; then
     steps+=(--set "enqueue[0].step_size=$(( epochs > 1 ? epochs / 2 : 1 ))")
 fi
+for kv in ${SETS:-}; do steps+=(--set "$kv"); done
 storage="sqlite:///$out/$name.db"
 if [ -f "$out/$name.db" ] && $cnnsearch status "$name" --storage "$storage" > /dev/null 2>&1; then
     # stopped before (Ctrl-C, a killed session): launch goes on with its trials, from their checkpoints
