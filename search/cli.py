@@ -726,9 +726,14 @@ def export_(
     doc = export_mod.export_best(name, output, storage, trial, rank, pick)
     prov = doc["provenance"]
     if "final" in prov:
-        out.print(f"wrote {output}: study {name!r}, the final stage's chosen config (search trial {prov['trial']}) "
-                  f"at the final budget, {doc['config']['epochs']} epochs; {_final_short(prov['final'])}", markup=False)
-        out.print(f"  params: {_fmt_params(prov['params'])}", markup=False)
+        from search.finalstage import label
+
+        # a twin (final.variants) trained its trial's params with the variant's on top: say so, and print those
+        variant = (prov["final"].get("chosen_finalist") or {}).get("variant") or {}
+        out.print(f"wrote {output}: study {name!r}, the final stage's chosen config (search "
+                  f"{label({'source_trial': prov['trial'], 'variant': variant})}) at the final budget, "
+                  f"{doc['config']['epochs']} epochs; {_final_short(prov['final'])}", markup=False)
+        out.print(f"  params: {_fmt_params({**prov['params'], **variant})}", markup=False)
         return
     values = ", ".join(f"{k} {_fmt_metric(k, v)}" for k, v in prov["values"].items()) if "values" in prov else None
     out.print(f"wrote {output}: study {name!r} trial {prov['trial']}, "

@@ -592,6 +592,10 @@ def test_a_twin_trains_from_the_start_and_its_label_follows_it_to_status_and_rep
     assert export.exit_code == 0, export.output
     doc = json.loads((tmp_path / "f.json").read_text())
     assert doc["provenance"]["final"]["chosen_finalist"]["variant"] == chosen["variant"]
+    # export's lines name what was trained: a twin's variant, and the params with it, not its trial's
+    assert f"(search {finalstage.label({**chosen, 'source_trial': doc['provenance']['trial']})})" in export.output
+    params_line = next(line for line in export.output.splitlines() if line.startswith("  params: "))
+    assert f"lr={chosen['params']['lr']:.3g}," in params_line, export.output
     # a study warm-started from this one begins with the config its final stage chose, twin or not
     path = tmp_path / "warm.toml"
     path.write_text(tiny_study(tmp_path, name="warm", n_trials=3).read_text() + '\n[warm_start]\nstudy = "fin"\n')
