@@ -728,12 +728,11 @@ def export_(
     if "final" in prov:
         from search.finalstage import label
 
-        # a twin (final.variants) trained its trial's params with the variant's on top: say so, and print those
-        variant = (prov["final"].get("chosen_finalist") or {}).get("variant") or {}
-        out.print(f"wrote {output}: study {name!r}, the final stage's chosen config (search "
-                  f"{label({'source_trial': prov['trial'], 'variant': variant})}) at the final budget, "
+        chosen = prov["final"]["chosen_finalist"]  # what it trained: a twin's variant, the start, a search trial
+        of = ("search " if chosen["source_trial"] is not None else "") + label(chosen)
+        out.print(f"wrote {output}: study {name!r}, the final stage's chosen config ({of}) at the final budget, "
                   f"{doc['config']['epochs']} epochs; {_final_short(prov['final'])}", markup=False)
-        out.print(f"  params: {_fmt_params({**prov['params'], **variant})}", markup=False)
+        out.print(f"  params: {_fmt_params(chosen['params'])}", markup=False)
         return
     values = ", ".join(f"{k} {_fmt_metric(k, v)}" for k, v in prov["values"].items()) if "values" in prov else None
     out.print(f"wrote {output}: study {name!r} trial {prov['trial']}, "

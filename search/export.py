@@ -89,7 +89,7 @@ def export_best(name: str, path: str | Path, store: Store | str | None = None, n
         doc["provenance"]["final"] = {k: final[k] for k in ("study", "pick", "test_mean", "test_std", "done", "model",
                                                             "wall_s", "compute_s", "notes")}
         doc["provenance"]["final"]["chosen_finalist"] = {k: chosen[k] for k in ("number", "value", "rank", "baseline",
-                                                                                     "variant")}
+                                                                                     "source_trial", "variant", "params")}
         doc["provenance"]["final"]["seeds"] = [{k: r[k] for k in ("seed", "state", "value", "test_acc", "model")}
                                                for r in final["seeds"]]
     write_json(path, doc)
